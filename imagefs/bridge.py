@@ -1,0 +1,49 @@
+"""The one place where the trio side calls blocking store code.
+
+Every store call runs in a worker thread, limited per store, under a deadline. Nothing blocking
+may run on the trio thread: one blocking call would freeze every process using the mount. A
+deadline that passes raises ``BackendError`` (EIO for the caller); the abandoned thread finishes
+in the background and its result is dropped.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from imagefs.stores.base import BackendError, Store
+
+T = TypeVar("T")
+
+_limiters: dict[int, trio.CapacityLimiter] = {}
+
+
+def limiter_for(store: Store) -> trio.CapacityLimiter:
+    """Per-store thread limit, created on first use (limiters belong to the running trio loop)."""
+    lim = _limiters.get(id(store))
+    if lim is None:
+        n = store.cfg.concurrency or store.default_concurrency
+        lim = _limiters[id(store)] = trio.CapacityLimiter(n)
+    return lim
+
+
+async def call(store: Store, fn: Callable[..., T], *args: Any, timeout: float | None = None,
+               **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` for ``store`` in a thread, bounded by the store's timeout."""
+    deadline = store.timeout if timeout is None else timeout
+    bound = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
+    with trio.move_on_after(deadline) as scope:
+        return await trio.to_thread.run_sync(bound, limiter=limiter_for(store),
+                                             abandon_on_cancel=True)
+    if scope.cancelled_caught:
+        raise BackendError(f"store {store.id}: {getattr(fn, '__name__', 'call')} took longer "
+                           f"than {deadline:g}s", retryable=True)
+    raise AssertionError("unreachable")
+
+
+async def local(fn: Callable[..., T], *args: Any) -> T:
+    """Run local blocking I/O (spool files, disk cache) off the trio thread."""
+    return await trio.to_thread.run_sync(functools.partial(fn, *args))

@@ -1,0 +1,165 @@
+"""Command line of ``imagefs`` and ``mount.imagefs``: parsing and dispatch, no logic.
+
+Exit status: 0 success, 1 the operation failed, 2 bad usage or bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+from imagefs import config as config_mod
+from imagefs.daemon import MountError, MountOptions, pidfile_for
+
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+
+def _version() -> str:
+    try:
+        return version("imagefs")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _fail(msg: str, code: int = EXIT_FAIL) -> int:
+    print(f"imagefs: {msg}", file=sys.stderr)
+    return code
+
+
+def _load(path: str) -> config_mod.Config:
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError as e:
+        print(f"imagefs: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from imagefs import daemon
+
+    try:
+        opts = MountOptions.parse(args.o or [])
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    cfg = _load(args.config)
+    try:
+        return daemon.mount(cfg, os.path.abspath(args.mountpoint), opts, args.foreground)
+    except MountError as e:
+        return _fail(str(e))
+
+
+def _mounted(mountpoint: str) -> bool:
+    return os.path.ismount(mountpoint)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mnt = os.path.abspath(args.mountpoint)
+    if not _mounted(mnt):
+        return _fail(f"{mnt} is not mounted")
+    pidfile = pidfile_for(mnt)
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        pid = None
+    deadline = time.monotonic() + args.timeout
+    said = False
+    while True:
+        r = subprocess.run(["fusermount3", "-u", mnt], capture_output=True, text=True)
+        if r.returncode == 0 or not _mounted(mnt):
+            break
+        if "busy" not in r.stderr.lower():
+            return _fail(f"cannot unmount {mnt}: {r.stderr.strip()}")
+        if time.monotonic() > deadline:
+            return _fail(f"{mnt} is still busy after {args.timeout:g}s (open files or uploads "
+                         "in flight); nothing was unmounted")
+        if not said:
+            print(f"imagefs: waiting for open files and uploads on {mnt} to finish...",
+                  file=sys.stderr)
+            said = True
+        time.sleep(0.5)
+    while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)  # the daemon drains and closes its stores before exiting
+    return 0
+
+
+def cmd_stores(args: argparse.Namespace) -> int:
+    from imagefs import discovery
+
+    return discovery.main(args)
+
+
+def _add_mount_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="TOML configuration file")
+    p.add_argument("mountpoint", help="directory to mount on")
+    p.add_argument("-o", action="append", metavar="OPT[,OPT...]",
+                   help="mount options: ro, allow_other, debug, degraded, log=PATH, fsname=NAME")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="imagefs",
+                                description="Mount VM image stores as directories.")
+    p.add_argument("--version", action="version", version=f"imagefs {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("mount", help="mount the stores of a config on a directory",
+                       description="Mount; returns once the mount is ready (daemonizes unless "
+                                   "--foreground).")
+    _add_mount_args(m)
+    m.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr")
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount after in-flight uploads finish",
+                       description="Wait until no file is open (uploads finish at close), "
+                                   "then unmount and wait for the daemon to exit.")
+    u.add_argument("mountpoint")
+    u.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds to wait for open files (default 600)")
+    u.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("stores", help="list the configured stores",
+                       description="One row per store: id, type, description, default, "
+                                   "read-only, weight, usage.")
+    s.add_argument("source", help="config file or mount point")
+    s.add_argument("--json", action="store_true",
+                   help="Glance GET /v2/info/stores/detail shape")
+    s.add_argument("--no-usage", action="store_true", help="skip backend usage queries")
+    s.set_defaults(func=cmd_stores)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # `imagefs CONFIG MOUNTPOINT -o ...` is how mount.fuse3 calls the helper of fuse.imagefs.
+    if len(argv) >= 2 and not argv[0].startswith("-") and argv[0] not in parser_commands() \
+            and os.path.isfile(argv[0]):
+        return mount_helper(argv)
+    args = parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+def parser_commands() -> set[str]:
+    return {"mount", "umount", "stores"}
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """``mount.imagefs CONFIG MOUNTPOINT [-o OPTIONS]``, as mount(8) calls it from fstab."""
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="mount.imagefs", description="fstab helper for imagefs")
+    p.add_argument("--version", action="version", version=f"imagefs {_version()}")
+    _add_mount_args(p)
+    p.add_argument("-n", action="store_true", help="ignored (mount(8) compatibility)")
+    p.add_argument("-s", action="store_true", help="ignored (mount(8) compatibility)")
+    p.add_argument("-v", action="store_true", help="ignored (mount(8) compatibility)")
+    args = p.parse_args(argv)
+    args.foreground = False
+    return cmd_mount(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,304 @@
+"""TOML configuration → frozen, validated settings.
+
+Every error names the file, the key and what was expected, because the person reading it is an
+operator with a config file open, not a Python programmer. ``ConfigError`` carries that text;
+the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagefs.stores import option_specs, store_class, store_types
+from imagefs.stores.base import OptionError
+
+STORE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RESERVED_ID_PREFIX = "os_glance_"
+#: Names the mount root uses itself, so no store may take them.
+RESERVED_IDS = frozenset({"default"})
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "kib": 1 << 10,
+    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
+    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the person who wrote the file."""
+
+
+def parse_size(text: str | int) -> int:
+    """'4MiB' → 4194304. Integers are bytes. Raises ValueError with the accepted forms."""
+    if isinstance(text, bool):
+        raise ValueError("expected a size like \"4MiB\", \"20GiB\" or a number of bytes")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError("a size cannot be negative")
+        return text
+    m = _SIZE.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ValueError("expected a size like \"4MiB\", \"20GiB\" or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Option:
+    """One type-specific store key: its kind, whether required, and its default.
+
+    kinds: str, path, bool, int, float, size, list (of str), or a tuple of allowed strings.
+    """
+
+    kind: Any = "str"
+    required: bool = False
+    default: Any = None
+    help: str = ""
+
+
+def _expect(kind: Any) -> str:
+    if isinstance(kind, tuple):
+        return "one of " + ", ".join(f'"{k}"' for k in kind)
+    return {
+        "str": "a string", "path": "a path string", "bool": "true or false",
+        "int": "an integer", "float": "a number", "size": 'a size like "4MiB"',
+        "list": "a list of strings", "secret": "a string",
+    }[kind]
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    """Check ``value`` against ``kind``; raise ValueError with what was expected."""
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise ValueError(_expect(kind))
+        return value
+    if kind in ("str", "secret"):
+        if not isinstance(value, str):
+            raise ValueError(_expect(kind))
+        return value
+    if kind == "path":
+        if not isinstance(value, str) or not value:
+            raise ValueError(_expect(kind))
+        return os.path.expanduser(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(_expect(kind))
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(_expect(kind))
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(_expect(kind))
+        return float(value)
+    if kind == "size":
+        if not isinstance(value, str | int):
+            raise ValueError(_expect(kind))
+        return parse_size(value)
+    if kind == "list":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(_expect(kind))
+        return tuple(value)
+    raise AssertionError(f"unknown option kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Bounds for every buffer imagefs keeps; see DESIGN.md 'Memory is bounded'."""
+
+    dir: Path
+    disk_size: int
+    memory_size: int
+    block_size: int
+    readahead: int
+    max_prefetch_memory: int
+
+
+@dataclass(frozen=True)
+class HashConfig:
+    algo: str = "sha512"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    id: str
+    type: str
+    description: str
+    default: bool
+    read_only: bool
+    weight: int
+    timeout: float
+    concurrency: int
+    options: Mapping[str, Any]
+    source: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    cache: CacheConfig
+    hash: HashConfig
+    stores: tuple[StoreConfig, ...]
+    metadata_ttl: float = 2.0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def default_store(self) -> StoreConfig | None:
+        return next((s for s in self.stores if s.default), None)
+
+
+_COMMON_STORE_KEYS: dict[str, Option] = {
+    "type": Option("str", required=True),
+    "description": Option("str", default=""),
+    "default": Option("bool", default=False),
+    "read_only": Option("bool", default=False),
+    "weight": Option("int", default=0),
+    "timeout": Option("float", default=60.0),
+    "concurrency": Option("int", default=0),
+}
+
+_CACHE_KEYS: dict[str, Option] = {
+    "dir": Option("path"),
+    "disk_size": Option("size", default=20 << 30),
+    "memory_size": Option("size", default=256 << 20),
+    "block_size": Option("size", default=1 << 20),
+    "readahead": Option("size", default=16 << 20),
+    "max_prefetch_memory": Option("size", default=128 << 20),
+}
+
+_HASH_ALGOS = ("sha512", "sha384", "sha256", "sha1", "md5")
+
+
+def default_cache_dir() -> Path:
+    """/var/cache/imagefs as root, else $XDG_CACHE_HOME/imagefs (or ~/.cache/imagefs)."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/imagefs")
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(xdg) / "imagefs"
+
+
+class _Checker:
+    """Validates one table; every message names the file and the dotted key."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, key: str, expected: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {expected}")
+
+    def table(self, prefix: str, table: Any, spec: Mapping[str, Option]) -> dict[str, Any]:
+        if not isinstance(table, dict):
+            raise self.fail(prefix, "expected a table")
+        unknown = sorted(set(table) - set(spec))
+        if unknown:
+            known = ", ".join(sorted(spec))
+            raise self.fail(f"{prefix}.{unknown[0]}", f"unknown key (known keys: {known})")
+        out: dict[str, Any] = {}
+        for key, opt in spec.items():
+            if key not in table:
+                if opt.required:
+                    raise self.fail(f"{prefix}.{key}", f"missing; expected {_expect(opt.kind)}")
+                out[key] = opt.default
+                continue
+            try:
+                out[key] = _convert(opt.kind, table[key])
+            except ValueError as e:
+                raise self.fail(f"{prefix}.{key}", f"expected {e}, got {table[key]!r}") from None
+        return out
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file. Raises ConfigError (message for humans)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse(data, p)
+
+
+def parse(data: Mapping[str, Any], p: Path) -> Config:
+    """Validate an already-parsed TOML document (also used for the embedded demo config)."""
+    c = _Checker(p)
+    top = {"cache": None, "hash": None, "stores": None, "metadata_ttl": None}
+    unknown = sorted(set(data) - set(top))
+    if unknown:
+        raise c.fail(unknown[0], "unknown key (known keys: cache, hash, metadata_ttl, stores)")
+
+    cache = c.table("cache", data.get("cache", {}), _CACHE_KEYS)
+    if cache["block_size"] < 4096 or cache["block_size"] & (cache["block_size"] - 1):
+        raise c.fail("cache.block_size", "expected a power of two of at least 4KiB")
+    if cache["memory_size"] < cache["block_size"] * 4:
+        raise c.fail("cache.memory_size", "expected at least 4 × cache.block_size")
+    cache_cfg = CacheConfig(
+        dir=Path(cache["dir"]) if cache["dir"] else default_cache_dir(),
+        disk_size=cache["disk_size"], memory_size=cache["memory_size"],
+        block_size=cache["block_size"], readahead=cache["readahead"],
+        max_prefetch_memory=cache["max_prefetch_memory"],
+    )
+    hashes = c.table("hash", data.get("hash", {}), {"algo": Option(_HASH_ALGOS, default="sha512")})
+
+    ttl = data.get("metadata_ttl", 2.0)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0:
+        raise c.fail("metadata_ttl", f"expected a number of seconds ≥ 0, got {ttl!r}")
+
+    stores_t = data.get("stores")
+    if not isinstance(stores_t, dict) or not stores_t:
+        raise c.fail("stores", "expected at least one [stores.ID] table")
+    stores = [_store(c, sid, t) for sid, t in stores_t.items()]
+    defaults = [s.id for s in stores if s.default]
+    if len(defaults) > 1:
+        raise c.fail(f"stores.{defaults[1]}.default",
+                     f"only one store may be the default (stores.{defaults[0]} already is)")
+    return Config(path=p, cache=cache_cfg, hash=HashConfig(hashes["algo"]),
+                  stores=tuple(stores), metadata_ttl=float(ttl))
+
+
+def _store(c: _Checker, sid: str, table: Any) -> StoreConfig:
+    prefix = f"stores.{sid}"
+    if not STORE_ID.match(sid):
+        raise c.fail(prefix, "store id must match [A-Za-z0-9][A-Za-z0-9_.-]*")
+    if sid.startswith(RESERVED_ID_PREFIX):
+        raise c.fail(prefix, f"ids starting with {RESERVED_ID_PREFIX!r} are reserved by Glance")
+    if sid in RESERVED_IDS:
+        raise c.fail(prefix, f"{sid!r} is reserved for the mount's default-store link")
+    if not isinstance(table, dict):
+        raise c.fail(prefix, "expected a table")
+    stype = table.get("type")
+    if stype is None:
+        raise c.fail(f"{prefix}.type", "missing; expected one of " + ", ".join(store_types()))
+    if stype not in store_types():
+        raise c.fail(f"{prefix}.type",
+                     f"unknown store type {stype!r}; expected one of " + ", ".join(store_types()))
+    spec = dict(_COMMON_STORE_KEYS)
+    spec.update(option_specs(stype))
+    values = c.table(prefix, table, spec)
+    if values["timeout"] <= 0:
+        raise c.fail(f"{prefix}.timeout", "expected a positive number of seconds")
+    if values["concurrency"] < 0:
+        raise c.fail(f"{prefix}.concurrency", "expected 0 (store default) or a positive integer")
+    options = {k: v for k, v in values.items() if k not in _COMMON_STORE_KEYS}
+    try:
+        store_class(stype).check_options(options)
+    except OptionError as e:
+        raise c.fail(f"{prefix}.{e.key}", e.expected) from None
+    return StoreConfig(
+        id=sid, type=stype, description=values["description"], default=values["default"],
+        read_only=values["read_only"], weight=values["weight"], timeout=values["timeout"],
+        concurrency=values["concurrency"], options=options, source=c.path,
+    )

@@ -1,0 +1,289 @@
+"""The mount daemon: open stores, mount, serve, and unmount in order.
+
+``mount`` returns only once the file system answers (or failed, with the reason), so scripts
+and systemd can rely on it: the daemonized child reports readiness through a pipe and to
+systemd with ``READY=1``. On SIGTERM/SIGINT or an external ``fusermount3 -u``, writes still open
+are discarded (never published half-done), background work is cancelled and stores are closed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from imagefs import stores as registry
+from imagefs.cache import BlockCache, DiskCache, MemoryCache
+from imagefs.config import Config
+from imagefs.fs import FsSettings, ImageFS
+from imagefs.reader import BlockSource
+from imagefs.stores.base import Store
+from imagefs.writer import WriterSettings
+
+log = logging.getLogger("imagefs")
+
+#: Options mount(8) and fstab pass along that mean nothing to a FUSE daemon.
+IGNORED_OPTIONS = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
+                   "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
+                   "relatime", "strictatime", "rw", "async", "sync"}
+
+
+class MountError(Exception):
+    """Why the mount could not be made, for the person who asked."""
+
+
+@dataclass
+class MountOptions:
+    read_only: bool = False
+    allow_other: bool = field(default_factory=lambda: os.geteuid() == 0)
+    debug: bool = False
+    degraded: bool = False
+    log_file: str | None = None
+    fsname: str = "imagefs"
+
+    @classmethod
+    def parse(cls, opts: list[str]) -> MountOptions:
+        """'-o' values (comma-separated, repeatable). Raises ValueError naming the bad one."""
+        o = cls()
+        for group in opts:
+            for item in filter(None, group.split(",")):
+                key, _, value = item.partition("=")
+                if key in IGNORED_OPTIONS or key.startswith("x-") or key.startswith("comment="):
+                    continue
+                if key == "ro":
+                    o.read_only = True
+                elif key == "allow_other":
+                    o.allow_other = True
+                elif key == "debug":
+                    o.debug = True
+                elif key == "degraded":
+                    o.degraded = True
+                elif key == "log" and value:
+                    o.log_file = value
+                elif key == "fsname" and value:
+                    o.fsname = value
+                else:
+                    raise ValueError(f"unknown mount option {item!r} (known: ro, allow_other, "
+                                     "debug, degraded, log=PATH, fsname=NAME)")
+        return o
+
+
+def runtime_dir() -> Path:
+    return Path("/run/imagefs") if os.geteuid() == 0 else \
+        Path(os.environ.get("XDG_RUNTIME_DIR", f"/tmp/imagefs-{os.getuid()}")) / "imagefs"
+
+
+def pidfile_for(mountpoint: str) -> Path:
+    digest = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return runtime_dir() / f"{digest}.pid"
+
+
+def _sd_notify(message: str) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+def _setup_logging(opts: MountOptions, foreground: bool) -> None:
+    level = logging.DEBUG if opts.debug else logging.INFO
+    handlers: list[logging.Handler] = []
+    if opts.log_file:
+        Path(opts.log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(opts.log_file))
+    if foreground or not handlers:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(level=level, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "swiftclient"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def open_stores(config: Config, degraded: bool) -> list[Store]:
+    """Build and connect every store in parallel; fail the mount on any failure unless degraded."""
+    stores = [registry.build(s) for s in config.stores]
+
+    def open_one(store: Store) -> None:
+        store.open()
+        n = store.cleanup_leftovers()
+        if n:
+            log.info("store %s: removed %d upload(s) left by a crash", store.id, n)
+
+    failures = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(stores))) as pool:
+        futures = {pool.submit(open_one, s): s for s in stores}
+        for fut, store in futures.items():
+            try:
+                fut.result(timeout=store.timeout + 5)
+            except Exception as e:
+                failures.append(f"store {store.id} ({store.type_name}): {e}")
+    if failures:
+        for f in failures:
+            log.error("%s", f)
+        if not degraded:
+            for s in stores:
+                with contextlib.suppress(Exception):
+                    s.close()
+            raise MountError("cannot open " + "; ".join(failures) +
+                             " (mount with -o degraded to mount the other stores anyway)")
+    return stores
+
+
+def _mount_dir(config: Config, mountpoint: str) -> Path:
+    digest = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:12]
+    return config.cache.dir / digest
+
+
+def build_fs(config: Config, stores: list[Store], mountpoint: str, opts: MountOptions) -> ImageFS:
+    cc = config.cache
+    mount_dir = _mount_dir(config, mountpoint)
+    try:
+        disk = DiskCache(mount_dir / "blocks", cc.disk_size) if cc.disk_size > 0 else None
+        spool = mount_dir / "spool"
+        spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise MountError(f"cache directory {mount_dir}: {e.strerror or e}") from None
+    for leftover in spool.iterdir():
+        leftover.unlink(missing_ok=True)
+    cache = BlockCache(MemoryCache(cc.memory_size), disk)
+
+    def source(nursery: trio.Nursery) -> BlockSource:
+        return BlockSource(cache, cc.block_size, cc.max_prefetch_memory, nursery)
+
+    settings = FsSettings(
+        ttl=config.metadata_ttl, readahead=cc.readahead,
+        writer=WriterSettings(spool_dir=spool, hash_algo=config.hash.algo),
+        uid=os.getuid(), gid=os.getgid(), read_only=opts.read_only,
+    )
+    return ImageFS(stores, source, settings)
+
+
+def _raise_readahead(mountpoint: str, kib: int) -> None:
+    """Kernel read-ahead on the FUSE bdi (default 128 KiB) caps sequential reads; raise it."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(str(kib))
+    except OSError as e:
+        log.debug("could not set read_ahead_kb: %s", e)
+
+
+async def _serve(fs: ImageFS, mountpoint: str, readahead_kib: int) -> None:
+    import pyfuse3
+
+    async with trio.open_nursery() as nursery:
+        fs.bind(nursery)
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for sig in sigs:
+                    log.info("signal %s: unmounting", signal.Signals(sig).name)
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signals)
+        # stat() of the mount point is answered by this very loop: do it from a thread.
+        nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint, readahead_kib)
+        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        _sd_notify("STOPPING=1")
+        await fs.drain()
+        nursery.cancel_scope.cancel()
+
+
+def serve(config: Config, mountpoint: str, opts: MountOptions, foreground: bool,
+          ready_fd: int | None = None) -> int:
+    """Mount and serve until unmounted. Reports readiness/failure on ``ready_fd``."""
+    import pyfuse3
+
+    def report(msg: str) -> None:
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, msg.encode())
+                os.close(ready_fd)
+
+    _setup_logging(opts, foreground)
+    pidfile = pidfile_for(mountpoint)  # realpath() stats the mount point: only before mounting
+    try:
+        stores = open_stores(config, opts.degraded)
+        fs = build_fs(config, stores, mountpoint, opts)
+        fuse_opts = set(pyfuse3.default_options)
+        fuse_opts |= {f"fsname={opts.fsname}:{config.path}", "subtype=imagefs",
+                      "default_permissions"}
+        if opts.allow_other:
+            fuse_opts.add("allow_other")
+        if opts.debug:
+            fuse_opts.add("debug")
+        try:
+            pyfuse3.init(fs, mountpoint, fuse_opts)
+        except RuntimeError as e:
+            raise MountError(f"cannot mount on {mountpoint}: {e}") from None
+    except MountError as e:
+        log.error("%s", e)
+        report(f"error: {e}")
+        return 1
+    with contextlib.suppress(OSError):
+        pidfile.parent.mkdir(parents=True, exist_ok=True)
+        pidfile.write_text(f"{os.getpid()}\n")
+    log.info("mounted %s on %s: stores %s", config.path, mountpoint,
+             ", ".join(f"{s.id} ({s.type_name})" for s in stores))
+    report("ok")
+    _sd_notify("READY=1")
+    try:
+        trio.run(_serve, fs, mountpoint, max(1024, config.cache.readahead // 1024))
+    finally:
+        with contextlib.suppress(Exception):
+            pyfuse3.close(unmount=True)
+        for s in stores:
+            with contextlib.suppress(Exception):
+                s.close()
+        with contextlib.suppress(OSError):
+            pidfile.unlink()
+        log.info("unmounted %s", mountpoint)
+    return 0
+
+
+def mount(config: Config, mountpoint: str, opts: MountOptions, foreground: bool) -> int:
+    """``imagefs mount``: serve in the foreground, or fork and return once the mount is ready."""
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point")
+    if foreground:
+        return serve(config, mountpoint, opts, foreground=True)
+    if opts.log_file is None:
+        opts.log_file = str(config.cache.dir / "imagefs.log")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        code = 1
+        try:
+            code = serve(config, mountpoint, opts, foreground=False, ready_fd=w)
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read().decode(errors="replace")
+    if msg == "ok":
+        return 0
+    if not msg:
+        msg = f"the mount daemon exited before the mount was ready; see {opts.log_file}"
+    raise MountError(msg.removeprefix("error: "))

@@ -1,0 +1,656 @@
+"""The FUSE operations: root = one directory per store, images = files.
+
+This module knows inodes, names and errno values, and no backend: stores are reached only
+through the ``Store`` interface (via ``bridge``), readers and writers. Store exceptions become
+errno values here and nowhere else, and every error that is not the caller's own mistake is
+logged with the store and image it concerns.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from imagefs import bridge
+from imagefs.catalog import Catalog
+from imagefs.inodes import ROOT, InodeTable, Node
+from imagefs.reader import BlockSource, Reader
+from imagefs.stores.base import (
+    META_MODE,
+    META_MTIME,
+    BackendError,
+    Busy,
+    Changed,
+    ImageInfo,
+    InvalidName,
+    NoSpace,
+    NotFound,
+    ReadOnly,
+    Store,
+    StoreError,
+    Unsupported,
+    check_name,
+)
+from imagefs.writer import Writer, WriterSettings
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+_ERRNO: dict[type[StoreError], int] = {
+    NotFound: errno.ENOENT,
+    ReadOnly: errno.EROFS,
+    NoSpace: errno.ENOSPC,
+    Busy: errno.EBUSY,
+    InvalidName: errno.EINVAL,
+    Unsupported: errno.EOPNOTSUPP,
+    Changed: errno.EIO,
+    BackendError: errno.EIO,
+}
+_QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV, errno.EROFS,
+          errno.EOPNOTSUPP, errno.ENODATA, errno.EPERM, errno.EINVAL, errno.ENAMETOOLONG,
+          errno.EISDIR, errno.ENOTDIR, errno.EACCES}
+
+
+def errno_of(e: BaseException) -> int:
+    for cls in type(e).__mro__:
+        if cls in _ERRNO:
+            return _ERRNO[cls]  # type: ignore[index]
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    return errno.EIO
+
+
+def fuse_errors(fn: F) -> F:
+    """Turn store and OS errors into FUSEError, logging the ones an operator must see."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except trio.Cancelled:
+            raise
+        except Exception as e:
+            code = errno_of(e)
+            if code in _QUIET:
+                log.debug("%s: %s (%s)", fn.__name__, errno.errorcode.get(code), e)
+            elif isinstance(e, StoreError | OSError):
+                log.error("%s failed: %s: %s", fn.__name__, errno.errorcode.get(code, code), e)
+            else:
+                log.exception("%s failed unexpectedly", fn.__name__)
+            raise pyfuse3.FUSEError(code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _decode(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")
+
+
+@dataclass
+class Handle:
+    node: Node
+    store: Store
+    reader: Reader | None = None
+    writer: Writer | None = None
+
+
+@dataclass(frozen=True)
+class FsSettings:
+    ttl: float
+    readahead: int
+    writer: WriterSettings
+    uid: int
+    gid: int
+    read_only: bool = False
+
+
+class ImageFS(pyfuse3.Operations):
+    """pyfuse3 operations over a set of opened stores."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, stores: list[Store], source_factory: Callable[[trio.Nursery], BlockSource],
+                 settings: FsSettings) -> None:
+        super().__init__()
+        self.stores = {s.id: s for s in stores}
+        self.order = [s.id for s in stores]
+        self.settings = settings
+        self.inodes = InodeTable(self.order)
+        self.catalogs = {s.id: Catalog(s, settings.ttl) for s in stores}
+        self.default_id = next((s.id for s in stores if s.default), None)
+        self._source_factory = source_factory
+        self.source: BlockSource | None = None
+        self.nursery: trio.Nursery | None = None
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._dir_listings: dict[int, list[tuple[bytes, Any]]] = {}
+        self._started = time.time_ns()
+
+    def bind(self, nursery: trio.Nursery) -> None:
+        """Attach the nursery that background work (prefetch, streaming uploads) runs in."""
+        self.nursery = nursery
+        self.source = self._source_factory(nursery)
+
+    # ------------------------------------------------------------------ attributes
+    def _base_attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_uid = self.settings.uid
+        a.st_gid = self.settings.gid
+        a.entry_timeout = self.settings.ttl
+        a.attr_timeout = self.settings.ttl
+        a.st_blksize = 1 << 20
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self._started
+        return a
+
+    def _read_only(self, store: Store) -> bool:
+        return store.read_only or self.settings.read_only
+
+    def _dir_attr(self, ino: int, store: Store | None) -> pyfuse3.EntryAttributes:
+        a = self._base_attr(ino)
+        writable = store is not None and not self._read_only(store)
+        a.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
+        a.st_nlink = 2
+        return a
+
+    def _link_attr(self) -> pyfuse3.EntryAttributes:
+        a = self._base_attr(self.inodes.default_link)
+        a.st_mode = stat.S_IFLNK | 0o777
+        a.st_nlink = 1
+        a.st_size = len(self.default_id or "")
+        return a
+
+    def _image_attr(self, node: Node, info: ImageInfo) -> pyfuse3.EntryAttributes:
+        a = self._base_attr(node.ino)
+        mode = info.mode
+        if self._read_only(self.stores[node.store_id]):
+            mode &= ~0o222
+        a.st_mode = stat.S_IFREG | (mode & 0o7777)
+        a.st_nlink = 1 if node.name is not None else 0
+        a.st_size = info.size
+        a.st_blocks = (info.size + 511) // 512
+        ns = int(info.mtime * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        return a
+
+    def _writer_attr(self, node: Node, w: Writer) -> pyfuse3.EntryAttributes:
+        mtime = w.mtime if w.mtime is not None else time.time()
+        info = ImageInfo(name=w.name, size=w.size, mtime=mtime, mode=w.mode)
+        a = self._image_attr(node, info)
+        a.entry_timeout = a.attr_timeout = 0
+        return a
+
+    def _store_of_dir(self, ino: int) -> Store:
+        sid = self.inodes.ino_store.get(ino)
+        if sid is None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR if ino in self._all_known(ino) else errno.ENOENT)
+        return self.stores[sid]
+
+    def _all_known(self, ino: int) -> set[int]:
+        return {ino} if self.inodes.node(ino) or ino == self.inodes.default_link else set()
+
+    async def _attr_of(self, node: Node) -> pyfuse3.EntryAttributes:
+        w = node.writer
+        if isinstance(w, Writer) and (w.dirty or w.published is None and w.base is None):
+            return self._writer_attr(node, w)
+        if node.name is None:
+            info = node.extra.get("info")
+            if info is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._image_attr(node, info)
+        info = await self.catalogs[node.store_id].stat(node.name)
+        node.extra["info"] = info
+        return self._image_attr(node, info)
+
+    # ------------------------------------------------------------------ lookup & attrs
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        text = _decode(name)
+        if parent_inode == ROOT:
+            if text in self.inodes.store_ino:
+                sid = text
+                return self._dir_attr(self.inodes.store_ino[sid], self.stores[sid])
+            if text == "default" and self.default_id:
+                return self._link_attr()
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        store = self._store_of_dir(parent_inode)
+        try:
+            check_name(text)
+        except InvalidName:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        node = self.inodes.find(store.id, text)
+        if node is not None and isinstance(node.writer, Writer) and node.writer.base is None \
+                and node.writer.published is None:
+            attr = self._writer_attr(node, node.writer)
+        else:
+            info = await self.catalogs[store.id].stat(text)
+            node = self.inodes.get(store.id, text)
+            node.extra["info"] = info
+            attr = self._image_attr(node, info)
+        self.inodes.looked_up(node)
+        return attr
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if inode == ROOT:
+            return self._dir_attr(ROOT, None)
+        if inode in self.inodes.ino_store:
+            sid = self.inodes.ino_store[inode]
+            return self._dir_attr(inode, self.stores[sid])
+        if inode == self.inodes.default_link and self.default_id:
+            return self._link_attr()
+        node = self.inodes.node(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return await self._attr_of(node)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        if inode == self.inodes.default_link and self.default_id:
+            return self.default_id.encode()
+        raise pyfuse3.FUSEError(errno.EINVAL)
+
+    @fuse_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any,
+                      fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        node = self.inodes.node(inode)
+        if node is None:
+            if inode == ROOT or inode in self.inodes.ino_store:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        store = self.stores[node.store_id]
+        if fields.update_uid and attr.st_uid != self.settings.uid or \
+                fields.update_gid and attr.st_gid != self.settings.gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        changing = fields.update_size or fields.update_mode or fields.update_mtime
+        if changing and self._read_only(store):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        w = node.writer if isinstance(node.writer, Writer) else None
+        if fields.update_size:
+            if w is None:
+                await self._truncate_published(node, store, attr.st_size)
+            else:
+                await w.truncate(attr.st_size)
+        meta: dict[str, str] = {}
+        if fields.update_mode:
+            meta[META_MODE] = f"{attr.st_mode & 0o7777:o}"
+        if fields.update_mtime:
+            meta[META_MTIME] = repr(attr.st_mtime_ns / 1e9)
+        if meta:
+            if w is not None and (w.dirty or w.published is None):
+                if fields.update_mode:
+                    w.mode = attr.st_mode
+                if fields.update_mtime:
+                    w.mtime = attr.st_mtime_ns / 1e9
+            elif node.name is not None:
+                info = await bridge.call(store, store.set_meta, node.name, meta)
+                self.catalogs[store.id].put(info)
+                node.extra["info"] = info
+                if w is not None:
+                    w.base = info
+        return await self._attr_of(node)
+
+    async def _truncate_published(self, node: Node, store: Store, size: int) -> None:
+        """truncate(2) on a path: a new version with the old bytes up to ``size``."""
+        if node.name is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        info = await self.catalogs[store.id].stat(node.name)
+        if info.size == size:
+            return
+        w = self._new_writer(store, node.name, info, info.mode)
+        try:
+            await w.truncate(size)
+            w.mtime = time.time()
+            new = await w.publish()
+        finally:
+            await w.discard()
+        if new is not None:
+            self._published(node, new)
+
+    # ------------------------------------------------------------------ directories
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        if inode == ROOT:
+            entries = [(sid.encode(), self._dir_attr(self.inodes.store_ino[sid], self.stores[sid]))
+                       for sid in self.order]
+            if self.default_id:
+                entries.append((b"default", self._link_attr()))
+        else:
+            store = self._store_of_dir(inode)
+            infos = await self.catalogs[store.id].list()
+            entries = []
+            for info in sorted(infos, key=lambda i: i.name):
+                node = self.inodes.get(store.id, info.name)
+                node.extra["info"] = info
+                entries.append((info.name.encode("utf-8", "surrogateescape"),
+                                self._image_attr(node, info)))
+        fh = self._next_fh
+        self._next_fh += 1
+        self._dir_listings[fh] = entries
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = self._dir_listings.get(fh, [])
+        for i in range(start_id, len(entries)):
+            name, attr = entries[i]
+            if not pyfuse3.readdir_reply(token, name, attr, i + 1):
+                return
+            node = self.inodes.node(attr.st_ino)
+            if node is not None:
+                self.inodes.looked_up(node)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dir_listings.pop(fh, None)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        # Stores come from the configuration and are flat.
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # ------------------------------------------------------------------ open/create
+    def _new_writer(self, store: Store, name: str, base: ImageInfo | None, mode: int) -> Writer:
+        assert self.nursery is not None
+        return Writer(store, name, base, mode, self.settings.writer, self.nursery)
+
+    def _add_handle(self, h: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = h
+        h.node.opens += 1
+        return fh
+
+    def _image_store(self, parent_inode: int, name: bytes) -> tuple[Store, str]:
+        store = self._store_of_dir(parent_inode)
+        text = _decode(name)
+        try:
+            check_name(text)
+        except InvalidName:
+            code = errno.ENAMETOOLONG if len(name) > 255 else errno.EINVAL
+            raise pyfuse3.FUSEError(code) from None
+        return store, text
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        node = self.inodes.node(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.EISDIR if inode in self.inodes.ino_store
+                                    else errno.ENOENT)
+        store = self.stores[node.store_id]
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if not writing:
+            if isinstance(node.writer, Writer) and node.writer.dirty:
+                h = Handle(node, store, writer=node.writer)
+                return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=False)
+            if node.name is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            info = await self.catalogs[store.id].stat(node.name)
+            assert self.source is not None
+            reader = Reader(self.source, store, info, self.settings.readahead)
+            keep = node.cached_version == info.version
+            node.cached_version = info.version
+            return pyfuse3.FileInfo(fh=self._add_handle(Handle(node, store, reader=reader)),
+                                    keep_cache=keep)
+        if self._read_only(store):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if node.name is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        w = node.writer if isinstance(node.writer, Writer) else None
+        if w is None:
+            info = await self.catalogs[store.id].stat(node.name)
+            truncate = bool(flags & os.O_TRUNC)
+            w = self._new_writer(store, node.name, None if truncate else info, info.mode)
+            node.writer = w
+        elif flags & os.O_TRUNC:
+            await w.truncate(0)
+        node.cached_version = None
+        return pyfuse3.FileInfo(fh=self._add_handle(Handle(node, store, writer=w)),
+                                keep_cache=False)
+
+    @fuse_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        store, text = self._image_store(parent_inode, name)
+        if self._read_only(store):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self.inodes.get(store.id, text)
+        existing = node.writer if isinstance(node.writer, Writer) else None
+        if existing is not None:
+            if flags & os.O_EXCL:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            w = existing
+            if flags & os.O_TRUNC:
+                await w.truncate(0)
+        else:
+            if flags & os.O_EXCL:
+                try:
+                    await bridge.call(store, store.stat, text)
+                    raise pyfuse3.FUSEError(errno.EEXIST)
+                except NotFound:
+                    pass
+            w = self._new_writer(store, text, None, stat.S_IFREG | (mode & 0o7777))
+            node.writer = w
+        self.inodes.looked_up(node)
+        fh = self._add_handle(Handle(node, store, writer=w))
+        node.cached_version = None
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._writer_attr(node, w)
+
+    # ------------------------------------------------------------------ data
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return h
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        if h.reader is not None:
+            return await h.reader.read(off, size)
+        assert h.writer is not None
+        return await h.writer.read(off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handle(fh)
+        if h.writer is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return await h.writer.write(off, buf)
+
+    def _published(self, node: Node, info: ImageInfo) -> None:
+        self.catalogs[node.store_id].put(info)
+        node.extra["info"] = info
+        node.cached_version = None
+        log.info("published %s/%s (%d bytes)", node.store_id, info.name, info.size)
+
+    async def _publish(self, h: Handle) -> None:
+        w = h.writer
+        if w is None:
+            return
+        try:
+            info = await w.publish()
+        except Exception as e:
+            log.error("%s/%s: upload failed, image not published: %s", h.store.id, w.name, e)
+            raise
+        if info is not None:
+            if h.node.name is None:  # unlinked while open: the new bytes have no name
+                log.info("%s/%s: written after unlink; published bytes deleted",
+                         h.store.id, info.name)
+                await bridge.call(h.store, h.store.delete, info.name)
+                return
+            self._published(h.node, info)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        await self._publish(self._handle(fh))
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._handle(fh)
+        if h.writer is not None:
+            await h.writer.sync()
+
+    async def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is None:
+            return
+        node = h.node
+        w = h.writer
+        still_open = any(o.writer is w for o in self._handles.values()) if w else False
+        if w is not None and not still_open:
+            if w.dirty and node.name is not None:
+                try:
+                    await self._publish(h)
+                except Exception:
+                    log.error("%s/%s: last close could not publish; the new bytes are discarded",
+                              h.store.id, w.name)
+            await w.discard()
+            if node.writer is w:
+                node.writer = None
+        self.inodes.closed(node)
+
+    # ------------------------------------------------------------------ namespace changes
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        store, text = self._image_store(parent_inode, name)
+        if self._read_only(store):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        node = self.inodes.find(store.id, text)
+        pending = node is not None and isinstance(node.writer, Writer) \
+            and node.writer.base is None and node.writer.published is None
+        if not pending:
+            await bridge.call(store, store.delete, text)
+        self.catalogs[store.id].forget(text)
+        if node is not None:
+            self.inodes.unlink(node)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        store, old = self._image_store(parent_inode_old, name_old)
+        new_store, new = self._image_store(parent_inode_new, name_new)
+        if new_store is not store:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        if self._read_only(store):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if old == new:
+            return
+        if flags & pyfuse3.RENAME_NOREPLACE:
+            try:
+                await self.catalogs[store.id].stat(new)
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            except NotFound:
+                pass
+        node = self.inodes.find(store.id, old)
+        w = node.writer if node is not None and isinstance(node.writer, Writer) else None
+        if w is not None and w.dirty:
+            await self._publish(Handle(node, store, writer=w))  # type: ignore[arg-type]
+        info = await bridge.call(store, store.rename, old, new,
+                                 timeout=store.timeout * self.settings.writer.commit_timeout_factor)
+        cat = self.catalogs[store.id]
+        cat.forget(old)
+        cat.put(info)
+        if node is None:
+            node = self.inodes.get(store.id, old)
+        self.inodes.rename(node, new)
+        node.extra["info"] = info
+        node.cached_version = None
+        if w is not None:
+            w.name = new
+            w.base = info
+
+    # ------------------------------------------------------------------ xattrs & statfs
+    def _xattrs_of_store(self, store: Store) -> dict[str, str]:
+        return {
+            "user.imagefs.type": store.type_name,
+            "user.imagefs.description": store.description,
+            "user.imagefs.default": "true" if store.default else "false",
+            "user.imagefs.read_only": "true" if self._read_only(store) else "false",
+            "user.imagefs.weight": str(store.weight),
+        }
+
+    async def _xattrs(self, inode: int) -> Mapping[str, str]:
+        if inode in self.inodes.ino_store:
+            return self._xattrs_of_store(self.stores[self.inodes.ino_store[inode]])
+        node = self.inodes.node(inode)
+        if node is None or node.name is None:
+            return {}
+        store = self.stores[node.store_id]
+        info = await self.catalogs[store.id].stat(node.name)
+        out = {"user.imagefs.store": store.id}
+        try:
+            out["user.imagefs.location"] = store.location(node.name)
+        except StoreError:
+            pass
+        for key in ("os_hash_algo", "os_hash_value", "checksum"):
+            if key in info.meta:
+                out[f"user.imagefs.{key}"] = info.meta[key]
+        return out
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        value = (await self._xattrs(inode)).get(_decode(name))
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value.encode()
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return [k.encode() for k in await self._xattrs(inode)]
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 1 << 20
+        s.f_blocks = s.f_bfree = s.f_bavail = 1 << 30  # 1 PiB: backends report no capacity
+        s.f_files = s.f_ffree = s.f_favail = 1 << 30
+        s.f_namemax = 255
+        return s
+
+    # ------------------------------------------------------------------ shutdown
+    async def drain(self) -> None:
+        """Discard every unpublished writer (unmount): nothing partial may become visible."""
+        writers = {id(h.writer): h.writer for h in self._handles.values() if h.writer}
+        for w in writers.values():
+            if w.dirty:
+                log.warning("%s/%s: unmounted while still open for writing; not published",
+                            w.store.id, w.name)
+            await w.discard()
+        self._handles.clear()

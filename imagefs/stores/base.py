@@ -1,0 +1,251 @@
+"""The one small interface every store type implements, and the errors stores may raise.
+
+Stores are synchronous because their client libraries are (boto3, swiftclient, librados/librbd).
+The FUSE layer calls them from worker threads, so every method may block; none may hang forever:
+each store bounds its backend calls with its configured timeout and raises ``BackendError``.
+
+Only ``imagefs.fs`` maps these exceptions to errno values; stores never know about FUSE.
+"""
+
+from __future__ import annotations
+
+import re
+import stat as stat_mod
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+#: Prefix of backend-side names used for uploads in progress; no listing ever shows them and
+#: users cannot create names with it.
+HIDDEN_PREFIX = ".imagefs-"
+
+#: Metadata keys imagefs itself maintains on every image it writes.
+META_MTIME = "mtime"
+META_MODE = "mode"
+
+DEFAULT_MODE = stat_mod.S_IFREG | 0o644
+
+
+class StoreError(Exception):
+    """Base of every error a store raises; ``str()`` is meant for the log."""
+
+
+class NotFound(StoreError):
+    """The image does not exist (ENOENT)."""
+
+
+class Changed(StoreError):
+    """The image changed since it was opened; serving bytes now could mix two versions (EIO)."""
+
+
+class ReadOnly(StoreError):
+    """The store (or backend) refuses writes (EROFS)."""
+
+
+class NoSpace(StoreError):
+    """The backend is out of space or quota (ENOSPC)."""
+
+
+class Busy(StoreError):
+    """The image is in use in a way that forbids the operation, e.g. RBD clones exist (EBUSY)."""
+
+
+class InvalidName(StoreError):
+    """The name cannot be stored in this backend (EINVAL / ENAMETOOLONG)."""
+
+
+class Unsupported(StoreError):
+    """The store cannot do this operation at all (EOPNOTSUPP)."""
+
+
+class BackendError(StoreError):
+    """Anything else the backend said or failed to say (EIO). ``retryable`` marks transient ones."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What a store knows about one published image.
+
+    ``version`` changes whenever the bytes change (ETag, RBD image id, mtime_ns+size...); every
+    cache key includes it so a replaced image is never served from stale blocks.
+    """
+
+    name: str
+    size: int
+    mtime: float
+    mode: int = DEFAULT_MODE
+    version: str = ""
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+
+_NAME_MAX = 255
+
+
+def check_name(name: str) -> None:
+    """Refuse names no store may hold: the rules of the house in DESIGN.md.
+
+    Raises ``InvalidName``; the message says why, for the log.
+    """
+    if not name or name in (".", ".."):
+        raise InvalidName(f"invalid image name {name!r}")
+    if "/" in name or "\0" in name:
+        raise InvalidName(f"image name {name!r} contains '/' or NUL")
+    if len(name.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+        raise InvalidName(f"image name longer than {_NAME_MAX} bytes")
+    if name.startswith(HIDDEN_PREFIX):
+        raise InvalidName(f"names starting with {HIDDEN_PREFIX!r} are reserved for uploads")
+
+
+def is_hidden(name: str) -> bool:
+    """True for backend names that listings must never show."""
+    return name.startswith(HIDDEN_PREFIX)
+
+
+def meta_mtime(meta: Mapping[str, str], default: float) -> float:
+    """Parse the persisted mtime, falling back to the backend's own timestamp."""
+    try:
+        return float(meta[META_MTIME])
+    except (KeyError, ValueError):
+        return default
+
+
+def meta_mode(meta: Mapping[str, str]) -> int:
+    """Parse the persisted mode (octal permission bits); regular file type is implied."""
+    try:
+        return stat_mod.S_IFREG | (int(meta[META_MODE], 8) & 0o7777)
+    except (KeyError, ValueError):
+        return DEFAULT_MODE
+
+
+_SAFE_META_KEY = re.compile(r"^[a-z0-9_]+$")
+
+
+def user_meta(meta: Mapping[str, str]) -> dict[str, str]:
+    """Metadata worth persisting: lower-case simple keys only, so every backend can hold them."""
+    return {k: str(v) for k, v in meta.items() if _SAFE_META_KEY.match(k)}
+
+
+class OptionError(ValueError):
+    """A store-specific config problem: ``key`` (within the store table) and what was expected."""
+
+    def __init__(self, key: str, expected: str) -> None:
+        super().__init__(expected)
+        self.key = key
+        self.expected = expected
+
+
+class Upload(ABC):
+    """An image being written; invisible under its name until ``commit``.
+
+    Stores without the ``random_write`` capability receive strictly sequential offsets (the
+    writer spools locally otherwise). ``read`` and ``truncate`` are only called on stores with
+    ``random_write``.
+    """
+
+    @abstractmethod
+    def write(self, offset: int, data: bytes) -> None: ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise Unsupported("this upload cannot be read back")
+
+    def truncate(self, size: int) -> None:
+        raise Unsupported("this upload cannot be truncated")
+
+    def flush(self) -> None:
+        """Make what was written so far durable in the backend, still invisible (fsync)."""
+
+    @abstractmethod
+    def commit(self, meta: Mapping[str, str]) -> ImageInfo:
+        """Publish atomically under the final name (replacing any previous image)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Discard everything; must be safe to call twice and after a failed commit."""
+
+
+class Store(ABC):
+    """One configured store. Subclasses declare ``type_name`` and ``OPTIONS``.
+
+    ``OPTIONS`` maps each type-specific config key to an ``imagefs.config.Option``; the config
+    loader validates against it without importing backend libraries, so store modules import
+    boto3/rados/swiftclient lazily.
+    """
+
+    type_name: ClassVar[str] = ""
+    OPTIONS: ClassVar[Mapping[str, Any]] = {}
+    #: e.g. {"random_write", "server_side_copy", "rename"}
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: Local stores are served without the block cache (it would only copy local bytes).
+    local: ClassVar[bool] = False
+    #: Backend calls allowed at once from this store (worker threads).
+    default_concurrency: ClassVar[int] = 8
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.id: str = cfg.id
+        self.description: str = cfg.description
+        self.read_only: bool = cfg.read_only
+        self.default: bool = cfg.default
+        self.weight: int = cfg.weight
+        self.timeout: float = cfg.timeout
+        self.options: Mapping[str, Any] = cfg.options
+        self._lock = threading.Lock()
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Cross-key checks beyond types (raise ``OptionError``); called by the config loader."""
+
+    def open(self) -> None:
+        """Connect to the backend; called once from a worker thread at mount time."""
+
+    def close(self) -> None:
+        """Release connections; called once at unmount."""
+
+    def cleanup_leftovers(self) -> int:
+        """Remove uploads a crash left behind; returns how many. Called once at mount."""
+        return 0
+
+    @abstractmethod
+    def list(self) -> Iterator[ImageInfo]: ...
+
+    @abstractmethod
+    def stat(self, name: str) -> ImageInfo: ...
+
+    @abstractmethod
+    def read_range(self, name: str, version: str, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes (fewer only at end of image) of version ``version``.
+
+        Raises ``Changed`` if the image is no longer that version.
+        """
+
+    @abstractmethod
+    def upload(self, name: str, size_hint: int | None = None) -> Upload: ...
+
+    @abstractmethod
+    def rename(self, old: str, new: str) -> ImageInfo:
+        """Atomically replace ``new`` with ``old``'s image; returns the new image's info."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None: ...
+
+    @abstractmethod
+    def set_meta(self, name: str, meta: Mapping[str, str]) -> ImageInfo:
+        """Merge ``meta`` into the image's metadata (mtime, mode, hashes)."""
+
+    @abstractmethod
+    def location(self, name: str) -> str:
+        """The image's location URL in the form Glance records, without credentials."""
+
+    def usage(self) -> tuple[int, int] | None:
+        """(images, bytes) if the backend can tell cheaply, else None."""
+        return None
+
+    def properties(self) -> dict[str, str]:
+        """Non-secret facts for discovery (Glance's store ``properties``)."""
+        return {}

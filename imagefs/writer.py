@@ -1,0 +1,409 @@
+"""Open-for-write state: where written bytes go until the image is published.
+
+Two shapes, chosen by the store's capabilities:
+
+* **direct** (stores with ``random_write``: file, rbd): writes go straight into the store's
+  hidden upload at any offset; all-zero writes past everything written become a size change, so
+  sparse images stay sparse.
+* **spool** (s3, swift): every write lands in an anonymous local spool file; while writes stay
+  sequential a background task streams the spool to the store's upload as it grows. The first
+  write below the high-water mark stops streaming; publishing then uploads the whole spool. The
+  spool is what makes the fall-back possible without reading anything back from the backend.
+
+Publishing (flush, fsync, release) is the only moment an image becomes visible under its name.
+An image opened for writing without O_TRUNC is seeded with its published bytes on the first
+change, so partial rewrites keep the rest. Hashes (Glance multihash + md5) are computed on the
+bytes as they stream whenever they arrive in order, otherwise in the single pass that publishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from imagefs import bridge
+from imagefs.hashing import ImageHasher
+from imagefs.stores.base import (
+    META_MODE,
+    META_MTIME,
+    BackendError,
+    ImageInfo,
+    Store,
+    Upload,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class WriterSettings:
+    spool_dir: Path
+    hash_algo: str
+    #: Multiplier of the store timeout for calls that move a whole image (commit, full upload).
+    commit_timeout_factor: float = 20.0
+
+
+def _send_from_spool(fd: int, up: Upload, hasher: ImageHasher, offset: int, n: int) -> None:
+    """Upload ``n`` spool bytes at ``offset`` (holes read as zeros) and hash them, in a thread."""
+    data = os.pread(fd, n, offset)
+    data += bytes(n - len(data))
+    up.write(offset, data)
+    hasher.update(data)
+
+
+def _all_zero(data: bytes) -> bool:
+    return not data or (data[0] == 0 and data[-1] == 0 and data.count(0) == len(data))
+
+
+class Writer:
+    """The pending new version of one image, shared by the handles that write it."""
+
+    def __init__(self, store: Store, name: str, base: ImageInfo | None, mode: int,
+                 settings: WriterSettings, nursery: trio.Nursery) -> None:
+        self.store = store
+        self.name = name
+        self.base = base
+        self.mode = mode
+        self.mtime: float | None = None
+        self.settings = settings
+        self.nursery = nursery
+        self.dirty = base is None
+        self.size = base.size if base else 0
+        self.published: ImageInfo | None = None
+        self.direct = "random_write" in store.capabilities
+        self._seeded = base is None
+        self._lock = trio.Lock()
+        self._hasher = ImageHasher(settings.hash_algo)
+        self._hash_ok = True
+        # direct mode
+        self._upload: Upload | None = None
+        self._extent = 0  # end of the furthest byte actually written to the upload
+        # spool mode
+        self._spool: int | None = None
+        self._hw = 0
+        self._streamed = 0
+        self._sequential = True
+        self._stream_upload: Upload | None = None
+        self._stream_error: BaseException | None = None
+        self._stream_running = False
+        self._stream_done = trio.Event()
+        self._wake = trio.Event()
+        self._finishing = False
+
+    # ---------------------------------------------------------------- helpers
+    def _long(self) -> float:
+        return self.store.timeout * self.settings.commit_timeout_factor
+
+    async def _new_upload(self) -> Upload:
+        return await bridge.call(self.store, self.store.upload, self.name, self.size or None)
+
+    def _open_spool(self) -> int:
+        self.settings.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, path = tempfile.mkstemp(prefix="spool-", dir=self.settings.spool_dir)
+        os.unlink(path)  # anonymous: a crash leaves nothing behind
+        return fd
+
+    async def _copy_published(self, sink: Callable[[int, bytes], None]) -> None:
+        """Feed the published bytes of ``base`` to ``sink`` in order, chunk by chunk."""
+        base = self.base
+        assert base is not None
+        for off in range(0, base.size, CHUNK):
+            n = min(CHUNK, base.size - off)
+            data = await bridge.call(self.store, self.store.read_range, base.name, base.version,
+                                     off, n)
+            if len(data) != n:
+                raise BackendError(f"{self.store.id}/{base.name}: short read while seeding")
+            await bridge.local(sink, off, data)
+
+    async def _ensure_seeded(self) -> None:
+        if self._seeded:
+            return
+        if self.direct:
+            if self._upload is None:
+                self._upload = await self._new_upload()
+            up = self._upload
+            self._hasher = ImageHasher(self.settings.hash_algo)
+            self._hash_ok = True
+
+            def sink(off: int, data: bytes) -> None:
+                up.write(off, data)
+                self._hasher.update(data)
+
+            await self._copy_published(sink)
+            self._extent = self.base.size if self.base else 0
+        else:
+            if self._spool is None:
+                self._spool = await bridge.local(self._open_spool)
+            fd = self._spool
+            await bridge.local(os.ftruncate, fd, 0)
+            await self._copy_published(lambda off, data: os.pwrite(fd, data, off))
+            self._hw = self.base.size if self.base else 0
+            self._sequential = False if self._streamed else self._sequential
+            if self._hw:
+                self._start_stream()
+        self._seeded = True
+
+    # ---------------------------------------------------------------- operations
+    async def write(self, offset: int, data: bytes) -> int:
+        async with self._lock:
+            await self._ensure_seeded()
+            end = offset + len(data)
+            if self.direct:
+                await self._write_direct(offset, data)
+            else:
+                await self._write_spool(offset, data)
+            self.size = max(self.size, end)
+            self.dirty = True
+            return len(data)
+
+    async def _write_direct(self, offset: int, data: bytes) -> None:
+        if self._upload is None:
+            self._upload = await self._new_upload()
+        if offset >= self._extent and _all_zero(data):
+            return  # a hole: publishing sets the size, nothing is allocated
+        up, h = self._upload, self._hasher
+        in_order = self._hash_ok and offset >= h.offset and offset >= self._extent
+
+        def put() -> None:
+            up.write(offset, data)
+            if in_order:
+                h.update_zeros(offset - h.offset)
+                h.update(data)
+
+        await bridge.call(self.store, put)
+        if not in_order:
+            self._hash_ok = False
+        self._extent = max(self._extent, offset + len(data))
+
+    async def _write_spool(self, offset: int, data: bytes) -> None:
+        if self._spool is None:
+            self._spool = await bridge.local(self._open_spool)
+        if offset < self._hw:
+            self._sequential = False
+        await bridge.local(os.pwrite, self._spool, data, offset)
+        self._hw = max(self._hw, offset + len(data))
+        if self._sequential:
+            self._start_stream()
+            self._wake.set()
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """What this handle wrote (or the seeded bytes), for O_RDWR users such as qemu-img."""
+        async with self._lock:
+            if not self._seeded and self.base is not None:
+                return await bridge.call(self.store, self.store.read_range, self.base.name,
+                                         self.base.version, offset,
+                                         max(0, min(size, self.base.size - offset)))
+            if offset >= self.size:
+                return b""
+            size = min(size, self.size - offset)
+            if self.direct:
+                if self._upload is None:
+                    return bytes(size)
+                data = await bridge.call(self.store, self._upload.read, offset, size)
+            else:
+                data = await bridge.local(os.pread, self._spool, size, offset)
+            return data + bytes(size - len(data))
+
+    async def truncate(self, size: int) -> None:
+        async with self._lock:
+            await self._ensure_seeded()
+            if self.direct:
+                if self._upload is None:
+                    self._upload = await self._new_upload()
+                await bridge.call(self.store, self._upload.truncate, size)
+                self._extent = min(self._extent, size)
+                if size < self._hasher.offset:
+                    self._hash_ok = False
+            else:
+                if self._spool is None:
+                    self._spool = await bridge.local(self._open_spool)
+                if size < self._hw:
+                    self._sequential = False
+                    self._hw = size
+                await bridge.local(os.ftruncate, self._spool, size)
+            self.size = size
+            self.dirty = True
+
+    # ---------------------------------------------------------------- streaming (spool mode)
+    def _start_stream(self) -> None:
+        if not self._stream_running and self._sequential and self._stream_error is None:
+            self._stream_running = True
+            self._stream_done = trio.Event()
+            self.nursery.start_soon(self._stream)
+
+    async def _stream(self) -> None:
+        """Send the spool's sequential prefix to the store while the writer goes on."""
+        h = self._hasher
+        try:
+            while self._sequential:
+                if self._streamed < self._hw:
+                    if self._stream_upload is None:
+                        self._stream_upload = await self._new_upload()
+                    off = self._streamed
+                    n = min(CHUNK, self._hw - off)
+                    await bridge.call(self.store, _send_from_spool, self._spool,
+                                      self._stream_upload, h, off, n)
+                    self._streamed = off + n
+                elif self._finishing:
+                    return
+                else:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+        except Exception as e:
+            log.warning("%s/%s: streaming upload failed (%s); will upload from the spool at "
+                        "close", self.store.id, self.name, e)
+            self._stream_error = e
+        finally:
+            self._stream_running = False
+            self._stream_done.set()
+
+    async def _drop_stream(self) -> None:
+        up, self._stream_upload = self._stream_upload, None
+        self._streamed = 0
+        if up is not None:
+            await bridge.call(self.store, up.abort)
+
+    async def sync(self) -> None:
+        """fsync: written bytes reach the backend (still unpublished); upload errors surface.
+
+        Publishing here would show half-written images: qemu-img flushes many times mid-way.
+        """
+        async with self._lock:
+            if self.direct:
+                if self._upload is not None:
+                    await bridge.call(self.store, self._upload.flush)
+                return
+            if self._sequential and self._stream_error is None and self._stream_running:
+                while self._streamed < self._hw and self._stream_running:
+                    await trio.sleep(0.01)
+            if self._stream_error is not None:
+                raise BackendError(f"{self.store.id}/{self.name}: upload failed: "
+                                   f"{self._stream_error}")
+
+    # ---------------------------------------------------------------- publish
+    def _meta(self) -> dict[str, str]:
+        return {META_MTIME: repr(self.mtime if self.mtime is not None else time.time()),
+                META_MODE: f"{self.mode & 0o7777:o}"}
+
+    async def publish(self) -> ImageInfo | None:
+        """Make the written bytes the image's content; None when there was nothing to publish."""
+        async with self._lock:
+            if not self.dirty:
+                return None
+            await self._ensure_seeded()
+            meta = self._meta()
+            if self.direct:
+                info = await self._publish_direct(meta)
+            else:
+                info = await self._publish_spool(meta)
+            self.base = self.published = info
+            self.dirty = False
+            self.mtime = None
+            if self.direct:
+                self._seeded = False  # the upload is spent; a later change starts from `info`
+                self._extent = 0
+            else:
+                self._sequential = False  # the spool has it all; a later change re-uploads
+            return info
+
+    async def _publish_direct(self, meta: dict[str, str]) -> ImageInfo:
+        if self._upload is None:
+            self._upload = await self._new_upload()
+        up, size, h = self._upload, self.size, self._hasher
+        hash_ok = self._hash_ok
+
+        def finish() -> ImageInfo:
+            if self._extent < size:
+                up.truncate(size)
+            hasher = h
+            if hash_ok and h.offset <= size:
+                h.update_zeros(size - h.offset)
+            else:
+                hasher = ImageHasher(self.settings.hash_algo)
+                for off in range(0, size, CHUNK):
+                    data = up.read(off, min(CHUNK, size - off))
+                    hasher.update(data + bytes(min(CHUNK, size - off) - len(data)))
+            return up.commit({**meta, **hasher.meta()})
+
+        try:
+            info = await bridge.call(self.store, finish, timeout=self._long())
+        except BaseException:
+            self._upload = None
+            await self._abort_quietly(up)
+            raise
+        self._upload = None
+        self._hasher = ImageHasher(self.settings.hash_algo)
+        self._hash_ok = True
+        return info
+
+    async def _publish_spool(self, meta: dict[str, str]) -> ImageInfo:
+        if self._spool is None:
+            self._spool = await bridge.local(self._open_spool)
+        size = self.size
+        if self._sequential and self._stream_error is None:
+            self._hw = max(self._hw, size)  # a size set by truncate streams as zeros
+            self._start_stream()
+            self._finishing = True
+            self._wake.set()
+            await self._stream_done.wait()
+            self._finishing = False
+        if self._sequential and self._stream_error is None and self._streamed == size:
+            up = self._stream_upload or await self._new_upload()
+            hasher = self._hasher
+            self._stream_upload = None
+        else:
+            await self._drop_stream()
+            self._stream_error = None
+            up = await self._new_upload()
+            hasher = ImageHasher(self.settings.hash_algo)
+            fd = self._spool
+
+            def send_all() -> None:
+                for off in range(0, size, CHUNK):
+                    _send_from_spool(fd, up, hasher, off, min(CHUNK, size - off))
+
+            try:
+                await bridge.call(self.store, send_all, timeout=self._long())
+            except BaseException:
+                await self._abort_quietly(up)
+                raise
+        try:
+            info = await bridge.call(self.store, up.commit, {**meta, **hasher.meta()},
+                                     timeout=self._long())
+        except BaseException:
+            await self._abort_quietly(up)
+            self._sequential = False
+            raise
+        self._hasher = ImageHasher(self.settings.hash_algo)
+        return info
+
+    async def _abort_quietly(self, up: Upload) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await bridge.call(self.store, up.abort)
+            except Exception as e:
+                log.warning("%s/%s: could not abort upload: %s", self.store.id, self.name, e)
+
+    async def discard(self) -> None:
+        """Throw away everything unpublished (release without publish, unmount)."""
+        async with self._lock:
+            self._sequential = False
+            self._wake.set()
+            if self._stream_running:
+                await self._stream_done.wait()
+            for up in (self._upload, self._stream_upload):
+                if up is not None:
+                    await self._abort_quietly(up)
+            self._upload = self._stream_upload = None
+            if self._spool is not None:
+                os.close(self._spool)
+                self._spool = None
