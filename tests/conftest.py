@@ -1,0 +1,54 @@
+"""Shared fixtures: real backends (tests.backends), store tables per kind, and mounts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.backends.fixtures import *  # noqa: F403
+from tests.kinds.file import *  # noqa: F403
+from tests.kinds.rbd import *  # noqa: F403
+from tests.kinds.s3 import *  # noqa: F403
+from tests.kinds.swift import *  # noqa: F403
+from tests.mounting import Mount, mount, unmount
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path, request: pytest.FixtureRequest
+                  ) -> Iterator[Callable[..., Mount]]:
+    """``mount_factory({"id": table, ...}, cache=..., options=[...])`` → a live Mount.
+
+    Every mount is unmounted at teardown; if the test failed, the daemon's log is printed.
+    """
+    made: list[Mount] = []
+
+    def make(stores: dict[str, dict[str, Any]], **kw: Any) -> Mount:
+        m = mount(tmp_path / f"m{len(made)}", stores, **kw)
+        made.append(m)
+        return m
+
+    yield make
+    failed = getattr(request.node, "rep_call", None)
+    for m in made:
+        unmount(m)
+        if failed is not None and failed.failed:
+            print(f"--- imagefs log {m.log} ---\n{m.log_text()[-6000:]}")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
+    rep = yield
+    setattr(item, "rep_" + rep.when, rep)
+    return rep
+
+
+STORE_KINDS = ["file", "s3", "rbd", "swift", "rgw_swift"]
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store_table(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """A writable store's config table, once per kind: the common tests run on each."""
+    return request.getfixturevalue(f"{request.param}_store_table")

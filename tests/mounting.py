@@ -1,0 +1,117 @@
+"""Mounting imagefs for tests: write a TOML config, run the real ``imagefs mount``, unmount.
+
+Tests drive the mount with real programs (cp, rsync, dd, qemu-img, fio), so the mount runs as
+its own daemon exactly as an operator would start it, and its log is printed when a test fails.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IMAGEFS = [sys.executable, "-m", "imagefs"]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def to_toml(doc: Mapping[str, Any]) -> str:
+    """Minimal TOML writer for configs: scalars, lists and nested tables (tomllib only reads)."""
+    lines: list[str] = []
+
+    def table(prefix: str, t: Mapping[str, Any]) -> None:
+        scalars = {k: v for k, v in t.items() if not isinstance(v, Mapping)}
+        if prefix and (scalars or not t):
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        for k, v in t.items():
+            if isinstance(v, Mapping):
+                table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", doc)
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Mount:
+    root: Path
+    config: Path
+    log: Path
+
+    def path(self, store: str, name: str = "") -> Path:
+        return self.root / store / name if name else self.root / store
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text()
+        except OSError:
+            return ""
+
+
+def write_config(where: Path, stores: Mapping[str, Mapping[str, Any]],
+                 cache: Mapping[str, Any] | None = None, **top: Any) -> Path:
+    cfg = where / "imagefs.toml"
+    doc = {**top, "cache": {"dir": str(where / "cache"), "memory_size": "64MiB",
+                            "disk_size": "256MiB", **(cache or {})}, "stores": stores}
+    cfg.write_text(to_toml(doc))
+    return cfg
+
+
+def mount(where: Path, stores: Mapping[str, Mapping[str, Any]], *,
+          cache: Mapping[str, Any] | None = None, options: list[str] | None = None,
+          **top: Any) -> Mount:
+    """Start a daemonized mount under ``where``; raises with the log if it does not come up."""
+    where.mkdir(parents=True, exist_ok=True)
+    cfg = write_config(where, stores, cache, **top)
+    mnt = where / "mnt"
+    mnt.mkdir(exist_ok=True)
+    log = where / "imagefs.log"
+    opts = ["log=" + str(log), "debug"] + list(options or [])
+    r = subprocess.run([*IMAGEFS, "mount", str(cfg), str(mnt), "-o", ",".join(opts)],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        text = log.read_text() if log.exists() else ""
+        raise RuntimeError(f"imagefs mount failed ({r.returncode}): {r.stderr}\n{text[-4000:]}")
+    return Mount(mnt, cfg, log)
+
+
+def unmount(m: Mount, timeout: float = 120) -> None:
+    """`imagefs umount`, falling back to a lazy unmount so a failed test leaves no mount."""
+    if not os.path.ismount(m.root):
+        return
+    r = subprocess.run([*IMAGEFS, "umount", str(m.root), "--timeout", str(timeout)],
+                       capture_output=True, text=True, timeout=timeout + 30)
+    if r.returncode != 0 and os.path.ismount(m.root):
+        subprocess.run(["fusermount3", "-u", "-z", str(m.root)], capture_output=True)
+        deadline = time.monotonic() + 10
+        while os.path.ismount(m.root) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def tool(*names: str) -> None:
+    """Fail clearly (CI) or skip (elsewhere) when a program the test drives is missing."""
+    import pytest
+
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        msg = f"programs not installed: {', '.join(missing)} (run tools/setup.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
