@@ -93,6 +93,15 @@ def cmd_stores(args: argparse.Namespace) -> int:
     return discovery.main(args)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from imagefs import demo
+
+    try:
+        return demo.main(args)
+    except MountError as e:
+        return _fail(str(e))
+
+
 def _add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="TOML configuration file")
     p.add_argument("mountpoint", help="directory to mount on")
@@ -130,6 +139,12 @@ def parser() -> argparse.ArgumentParser:
                    help="Glance GET /v2/info/stores/detail shape")
     s.add_argument("--no-usage", action="store_true", help="skip backend usage queries")
     s.set_defaults(func=cmd_stores)
+
+    d = sub.add_parser("demo", help="mount the embedded demo config (two local file stores)",
+                       description="Create DIR/stores/{fast,archive} with a sample image and "
+                                   "mount them on DIR/mnt.")
+    d.add_argument("dir", nargs="?", default="/var/lib/imagefs-demo")
+    d.set_defaults(func=cmd_demo)
     return p
 
 
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parser_commands() -> set[str]:
-    return {"mount", "umount", "stores"}
+    return {"mount", "umount", "stores", "demo"}
 
 
 def mount_helper(argv: list[str] | None = None) -> int:

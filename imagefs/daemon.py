@@ -166,7 +166,7 @@ def build_fs(config: Config, stores: list[Store], mountpoint: str, opts: MountOp
     settings = FsSettings(
         ttl=config.metadata_ttl, readahead=cc.readahead,
         writer=WriterSettings(spool_dir=spool, hash_algo=config.hash.algo),
-        uid=os.getuid(), gid=os.getgid(), read_only=opts.read_only,
+        uid=os.getuid(), gid=os.getgid(), read_only=opts.read_only, mountpoint=mountpoint,
     )
     return ImageFS(stores, source, settings)
 

@@ -105,6 +105,28 @@ class Handle:
     store: Store
     reader: Reader | None = None
     writer: Writer | None = None
+    pid: int = 0  # the process that opened it
+
+
+def still_open_by(pid: int, path: str) -> bool:
+    """Whether process ``pid`` still has ``path`` open (readlink only: no FUSE round trip).
+
+    FUSE sends FLUSH for every close of every copy of a descriptor: a child that inherited it
+    and calls exec, a dup being closed. By the time FLUSH arrives the closing descriptor is
+    already gone from its table, so if the process that opened the file still lists it, this
+    was not the writer's own close and publishing now would expose a half-written image.
+    """
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 @dataclass(frozen=True)
@@ -115,6 +137,7 @@ class FsSettings:
     uid: int
     gid: int
     read_only: bool = False
+    mountpoint: str = ""
 
 
 class ImageFS(pyfuse3.Operations):
@@ -235,16 +258,19 @@ class ImageFS(pyfuse3.Operations):
         except InvalidName:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         node = self.inodes.find(store.id, text)
-        if node is not None and isinstance(node.writer, Writer) and node.writer.base is None \
-                and node.writer.published is None:
-            attr = self._writer_attr(node, node.writer)
-        else:
-            info = await self.catalogs[store.id].stat(text)
-            node = self.inodes.get(store.id, text)
-            node.extra["info"] = info
-            attr = self._image_attr(node, info)
+        if node is not None and self._pending(node):
+            # Still being written and never published: nobody may see it under its name yet.
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        info = await self.catalogs[store.id].stat(text)
+        node = self.inodes.get(store.id, text)
+        node.extra["info"] = info
         self.inodes.looked_up(node)
-        return attr
+        return self._image_attr(node, info)
+
+    @staticmethod
+    def _pending(node: Node) -> bool:
+        w = node.writer
+        return isinstance(w, Writer) and w.base is None and w.published is None
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -409,9 +435,7 @@ class ImageFS(pyfuse3.Operations):
         store = self.stores[node.store_id]
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if not writing:
-            if isinstance(node.writer, Writer) and node.writer.dirty:
-                h = Handle(node, store, writer=node.writer)
-                return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=False)
+            # Readers see the published version, even while someone writes a new one.
             if node.name is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             info = await self.catalogs[store.id].stat(node.name)
@@ -434,8 +458,13 @@ class ImageFS(pyfuse3.Operations):
         elif flags & os.O_TRUNC:
             await w.truncate(0)
         node.cached_version = None
-        return pyfuse3.FileInfo(fh=self._add_handle(Handle(node, store, writer=w)),
-                                keep_cache=False)
+        return self._write_info(self._add_handle(Handle(node, store, writer=w, pid=ctx.pid)))
+
+    @staticmethod
+    def _write_info(fh: int) -> pyfuse3.FileInfo:
+        """Write handles bypass the page cache: it is per inode, and readers of the same inode
+        must keep seeing the published bytes, not the pending ones."""
+        return pyfuse3.FileInfo(fh=fh, keep_cache=False, direct_io=True)
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
@@ -461,9 +490,9 @@ class ImageFS(pyfuse3.Operations):
             w = self._new_writer(store, text, None, stat.S_IFREG | (mode & 0o7777))
             node.writer = w
         self.inodes.looked_up(node)
-        fh = self._add_handle(Handle(node, store, writer=w))
+        fh = self._add_handle(Handle(node, store, writer=w, pid=ctx.pid))
         node.cached_version = None
-        return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._writer_attr(node, w)
+        return self._write_info(fh), self._writer_attr(node, w)
 
     # ------------------------------------------------------------------ data
     def _handle(self, fh: int) -> Handle:
@@ -512,7 +541,15 @@ class ImageFS(pyfuse3.Operations):
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        await self._publish(self._handle(fh))
+        h = self._handle(fh)
+        if h.writer is None or not h.writer.dirty:
+            return
+        if h.pid and h.node.name is not None and self.settings.mountpoint:
+            path = os.path.join(self.settings.mountpoint, h.store.id, h.node.name)
+            if await bridge.local(still_open_by, h.pid, path):
+                log.debug("%s: flush from another descriptor copy; not publishing yet", path)
+                return
+        await self._publish(h)
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -546,9 +583,7 @@ class ImageFS(pyfuse3.Operations):
         if self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.inodes.find(store.id, text)
-        pending = node is not None and isinstance(node.writer, Writer) \
-            and node.writer.base is None and node.writer.published is None
-        if not pending:
+        if node is None or not self._pending(node):
             await bridge.call(store, store.delete, text)
         self.catalogs[store.id].forget(text)
         if node is not None:

@@ -7,12 +7,20 @@ from typing import Any
 
 import pytest
 
-__all__ = ["file_store_table", "http_store_table"]
+__all__ = ["file_store_table", "http_store_table", "local_store_table"]
 
 
 @pytest.fixture
 def file_store_table(tmp_path: Path) -> dict[str, Any]:
     d = tmp_path / "file-store"
+    d.mkdir()
+    return {"type": "file", "path": str(d)}
+
+
+@pytest.fixture
+def local_store_table(tmp_path: Path) -> dict[str, Any]:
+    """A second, separate file store: the local side of copies in the common tests."""
+    d = tmp_path / "local-store"
     d.mkdir()
     return {"type": "file", "path": str(d)}
 

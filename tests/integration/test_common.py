@@ -1,0 +1,247 @@
+"""The behaviour every writable store kind must show through a real mount, driven by real tools.
+
+Each test runs once per kind (file, s3, rbd, swift, rgw_swift: see conftest.store_table) on a
+fresh backend container/pool/bucket, beside a local file store to copy to and from.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.mounting import Mount, tool, unmount
+
+MiB = 1 << 20
+
+
+def sh(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=check,
+                          timeout=600)
+
+
+def make_file(path: Path, size: int, seed: str = "x") -> str:
+    """Deterministic non-repeating content; returns its sha256."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for i in range(0, size, MiB):
+            block = hashlib.sha512(f"{seed}{i}".encode()).digest() * (MiB // 64)
+            block = block[: min(MiB, size - i)]
+            f.write(block)
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def m(mount_factory: Any, store_table: dict[str, Any], local_store_table: dict[str, Any]
+      ) -> Mount:
+    """A mount with the store under test as "s" and a local file store as "local"."""
+    return mount_factory({"s": store_table, "local": local_store_table})
+
+
+def test_cp_in_and_out(m: Mount, tmp_path: Path) -> None:
+    src = tmp_path / "src.raw"
+    digest = make_file(src, 20 * MiB + 12345)
+    sh("cp", src, m.path("s", "img.raw"))
+    assert os.stat(m.path("s", "img.raw")).st_size == 20 * MiB + 12345
+    assert "img.raw" in os.listdir(m.path("s"))
+    sh("cmp", src, m.path("s", "img.raw"))
+    sh("cp", m.path("s", "img.raw"), tmp_path / "back.raw")
+    assert sha256(tmp_path / "back.raw") == digest
+    # between stores, both ways
+    sh("cp", m.path("s", "img.raw"), m.path("local", "copy.raw"))
+    sh("cp", m.path("local", "copy.raw"), m.path("s", "copy2.raw"))
+    assert sha256(m.path("s", "copy2.raw")) == digest
+
+
+def test_invisible_until_closed(m: Mount) -> None:
+    path = m.path("s", "pending.raw")
+    with open(path, "wb") as f:
+        f.write(b"a" * MiB)
+        f.flush()
+        assert "pending.raw" not in os.listdir(m.path("s"))
+        r = subprocess.run(["stat", str(path)], capture_output=True)
+        assert r.returncode != 0, "another process saw an image still being written"
+        f.write(b"b" * MiB)
+    assert os.stat(path).st_size == 2 * MiB
+    with open(path, "rb") as f:
+        assert f.read() == b"a" * MiB + b"b" * MiB
+
+
+def test_overwrite_keeps_old_until_close(m: Mount) -> None:
+    path = m.path("s", "v.raw")
+    path.write_bytes(b"old" * 1000)
+    with open(path, "r+b") as f:  # no O_TRUNC: seeded with the old bytes on first change
+        f.seek(3)
+        f.write(b"NEW")
+        f.flush()
+        r = subprocess.run(["cat", str(path)], capture_output=True)
+        assert r.stdout == b"old" * 1000
+    assert path.read_bytes() == b"old" + b"NEW" + b"old" * 998
+
+
+def test_rsync_twice_copies_nothing(m: Mount, tmp_path: Path) -> None:
+    tool("rsync")
+    src = tmp_path / "tree"
+    src.mkdir()
+    make_file(src / "a.raw", 3 * MiB, "a")
+    make_file(src / "b.qcow2", MiB + 7, "b")
+    os.chmod(src / "b.qcow2", 0o600)
+    dest = str(m.path("s")) + "/"
+    sh("rsync", "-a", f"{src}/", dest)
+    for name in ("a.raw", "b.qcow2"):
+        st_src, st_dst = os.stat(src / name), os.stat(m.path("s", name))
+        assert st_dst.st_size == st_src.st_size
+        assert int(st_dst.st_mtime) == int(st_src.st_mtime)
+        assert st_dst.st_mode & 0o777 == st_src.st_mode & 0o777
+        assert sha256(m.path("s", name)) == sha256(src / name)
+    second = sh("rsync", "-a", "--itemize-changes", f"{src}/", dest)
+    assert second.stdout.strip() == "", second.stdout
+    assert not [n for n in os.listdir(m.path("s")) if n.startswith(".")]
+
+
+def test_dd_and_sha256(m: Mount, tmp_path: Path) -> None:
+    src = tmp_path / "d.raw"
+    digest = make_file(src, 9 * MiB, "dd")
+    sh("dd", f"if={src}", f"of={m.path('s', 'dd.raw')}", "bs=1M", "conv=fsync", "status=none")
+    assert sh("sha256sum", m.path("s", "dd.raw")).stdout.split()[0] == digest
+    part = tmp_path / "part"
+    sh("dd", f"if={m.path('s', 'dd.raw')}", f"of={part}", "bs=64k", "skip=17", "count=3",
+       "status=none")
+    assert part.read_bytes() == src.read_bytes()[17 * 65536:20 * 65536]
+
+
+def test_qemu_img(m: Mount, tmp_path: Path) -> None:
+    tool("qemu-img")
+    raw = tmp_path / "disk.raw"
+    with open(raw, "wb") as f:  # sparse with data at scattered places
+        f.truncate(64 * MiB)
+        for off in (0, 5 * MiB + 3, 33 * MiB, 64 * MiB - 4096):
+            f.seek(off)
+            f.write(hashlib.sha512(str(off).encode()).digest() * 64)
+    q = m.path("s", "disk.qcow2")
+    sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, q)
+    sh("qemu-img", "check", q)
+    info = sh("qemu-img", "info", "--output=json", q).stdout
+    assert '"virtual-size": 67108864' in info
+    sh("qemu-img", "compare", "-f", "raw", "-F", "qcow2", raw, q)
+    # qcow2 → raw within the store, and create
+    sh("qemu-img", "convert", "-O", "raw", q, m.path("s", "disk2.raw"))
+    sh("qemu-img", "compare", "-f", "raw", "-F", "raw", raw, m.path("s", "disk2.raw"))
+    sh("qemu-img", "create", "-f", "qcow2", m.path("s", "new.qcow2"), "1G")
+    sh("qemu-img", "check", m.path("s", "new.qcow2"))
+
+
+def test_fio_verify(m: Mount) -> None:
+    tool("fio")
+    for rw in ("write", "randwrite"):
+        r = sh("fio", "--name=v", f"--filename={m.path('s', f'fio-{rw}.img')}", "--size=16M",
+               f"--rw={rw}", "--bs=64k", "--ioengine=psync", "--verify=crc32c",
+               "--do_verify=1", "--verify_fatal=1", "--output-format=terse", check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+        # the published image verifies after close too, read back by a fresh fio
+        r = sh("fio", "--name=v", f"--filename={m.path('s', f'fio-{rw}.img')}", "--size=16M",
+               f"--rw={'read' if rw == 'write' else 'randread'}", "--bs=64k",
+               "--ioengine=psync", "--verify=crc32c", "--verify_only", "--verify_fatal=1",
+               "--randrepeat=1", check=False)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_concurrent_readers(m: Mount, tmp_path: Path) -> None:
+    src = tmp_path / "c.raw"
+    digest = make_file(src, 24 * MiB, "c")
+    sh("cp", src, m.path("s", "c.raw"))
+    expected = src.read_bytes()
+    errors: list[str] = []
+
+    def reader(i: int) -> None:
+        try:
+            with open(m.path("s", "c.raw"), "rb", buffering=0) as f:
+                for k in range(40):
+                    off = ((i * 7919 + k * 104729) * 4096) % (24 * MiB - 65536)
+                    f.seek(off)
+                    if f.read(65536) != expected[off:off + 65536]:
+                        errors.append(f"reader {i} wrong bytes at {off}")
+        except OSError as e:
+            errors.append(f"reader {i}: {e}")
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    whole = threading.Thread(target=lambda: errors.extend(
+        [] if sha256(m.path("s", "c.raw")) == digest else ["sequential reader: bad sha256"]))
+    whole.start()
+    for t in [*threads, whole]:
+        t.join()
+    assert errors == []
+
+
+def test_rename_replace_and_cross_store(m: Mount) -> None:
+    a, b = m.path("s", "a.raw"), m.path("s", "b.raw")
+    a.write_bytes(b"A" * 300_000)
+    b.write_bytes(b"B" * 1000)
+    os.rename(a, b)
+    assert not a.exists()
+    assert b.read_bytes() == b"A" * 300_000
+    with pytest.raises(OSError) as e:
+        os.rename(b, m.path("local", "b.raw"))
+    assert e.value.errno == errno.EXDEV
+    sh("mv", b, m.path("local", "b.raw"))  # mv falls back to copy + unlink
+    assert m.path("local", "b.raw").read_bytes() == b"A" * 300_000
+    assert not b.exists()
+
+
+def test_unlink_chmod_touch_persist(m: Mount, tmp_path: Path) -> None:
+    p = m.path("s", "meta.raw")
+    p.write_bytes(b"z" * 5000)
+    os.chmod(p, 0o640)
+    os.utime(p, (1_600_000_000, 1_600_000_000))
+    st = os.stat(p)
+    assert st.st_mode & 0o777 == 0o640 and int(st.st_mtime) == 1_600_000_000
+    p.unlink()
+    assert not p.exists()
+    with pytest.raises(FileNotFoundError):
+        os.stat(p)
+
+
+def test_persists_across_remount(mount_factory: Any, store_table: dict[str, Any],
+                                 tmp_path: Path) -> None:
+    m1 = mount_factory({"s": store_table})
+    p = m1.path("s", "keep.raw")
+    p.write_bytes(b"k" * 70000)
+    os.chmod(p, 0o600)
+    os.utime(p, (1_500_000_000, 1_500_000_000))
+    unmount(m1)
+    m2 = mount_factory({"s": store_table})
+    st = os.stat(m2.path("s", "keep.raw"))
+    assert (st.st_size, st.st_mode & 0o777, int(st.st_mtime)) == (70000, 0o600, 1_500_000_000)
+    assert m2.path("s", "keep.raw").read_bytes() == b"k" * 70000
+
+
+def test_hostile_names(m: Mount) -> None:
+    store = m.path("s")
+    for bad, code in ((".imagefs-x", errno.EINVAL), ("x" * 256, errno.ENAMETOOLONG)):
+        with pytest.raises(OSError) as e:
+            open(store / bad, "wb").close()
+        assert e.value.errno == code
+    with pytest.raises(OSError) as e:
+        os.mkdir(store / "sub")
+    assert e.value.errno == errno.EPERM
+    odd = "ünïcødé name with spaces & 'quotes'.raw"
+    (store / odd).write_bytes(b"u" * 10)
+    assert odd in os.listdir(store)
+    assert (store / odd).read_bytes() == b"u" * 10

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install what imagefs needs on Debian 12 (as root): Debian packages, then a venv in .venv with
+# the project installed. Idempotent: a second run installs nothing new.
+#   tools/setup.sh          runtime + everything the test suite drives (backends, qemu, fio...)
+#   tools/setup.sh --demo   only what the demo mount needs (no Ceph/Swift/nginx)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNTIME="fuse3 libfuse3-dev pkg-config python3 python3-dev python3-venv gcc"
+TESTING="ceph-mon ceph-osd ceph-common radosgw python3-rados python3-rbd rbd-fuse
+ swift swift-proxy swift-account swift-container swift-object memcached nginx-light
+ qemu-utils fio rsync attr curl xfsprogs iproute2 procps"
+want="$RUNTIME"
+[ "${1:-}" = "--demo" ] || want="$RUNTIME $TESTING"
+
+if [ "$(id -u)" != 0 ]; then
+  echo "tools/setup.sh: run as root (it installs Debian packages and mounts FUSE)" >&2
+  exit 2
+fi
+
+missing=$(for p in $want; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null \
+  | grep -q "install ok installed" || echo "$p"; done)
+if [ -n "$missing" ]; then
+  echo "== apt-get install:" $missing
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+# The Ceph bindings are Debian-only (not on PyPI): a venv over Debian's python3 sees them.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+if ! .venv/bin/python -c 'import imagefs, pyfuse3, trio, cachetools, boto3, swiftclient, pytest' 2>/dev/null; then
+  echo "== pip install"
+  .venv/bin/pip install -q --upgrade pip >/dev/null
+  .venv/bin/pip install -q -e '.[test]'
+fi
+modprobe fuse 2>/dev/null || true
+echo "== setup done: $(.venv/bin/imagefs --version)"
