@@ -1,0 +1,254 @@
+"""Mount-level behaviour beyond the common store tests: http mirror, read-only stores, the
+root layout, the command line, unmounting with open files, and staying inside a file store."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.test_common import MiB, make_file, sh
+from tests.mounting import IMAGEFS, Mount, tool, unmount, write_config
+
+
+def expect_errno(code: int, fn: Any, *args: Any) -> None:
+    with pytest.raises(OSError) as e:
+        fn(*args)
+    assert e.value.errno == code, e.value
+
+
+# ---------------------------------------------------------------------------------- http
+@pytest.fixture
+def http_mount(mount_factory: Any, nginx: Any, http_store_table: dict[str, Any],
+               local_store_table: dict[str, Any], tmp_path: Path) -> tuple[Mount, Path]:
+    served = nginx.root / http_store_table["url"].rstrip("/").rsplit("/", 1)[1]
+    make_file(served / "cirros.raw", 6 * MiB + 5, "cirros")
+    return mount_factory({"mirror": http_store_table, "local": local_store_table}), served
+
+
+def test_http_store_reads_with_ranges(http_mount: tuple[Mount, Path], tmp_path: Path) -> None:
+    m, served = http_mount
+    assert os.listdir(m.path("mirror")) == ["cirros.raw"]
+    st = os.stat(m.path("mirror", "cirros.raw"))
+    assert st.st_size == 6 * MiB + 5
+    assert int(st.st_mtime) == int(os.stat(served / "cirros.raw").st_mtime)
+    sh("cmp", served / "cirros.raw", m.path("mirror", "cirros.raw"))
+    sh("cp", m.path("mirror", "cirros.raw"), m.path("local", "cirros.raw"))
+    sh("cmp", served / "cirros.raw", m.path("local", "cirros.raw"))
+    with open(m.path("mirror", "cirros.raw"), "rb") as f:
+        f.seek(5 * MiB + 17)
+        assert f.read(100) == (served / "cirros.raw").read_bytes()[5 * MiB + 17:5 * MiB + 117]
+
+
+def test_http_store_is_read_only(http_mount: tuple[Mount, Path]) -> None:
+    m, _ = http_mount
+    img = m.path("mirror", "cirros.raw")
+    expect_errno(errno.EROFS, open, m.path("mirror", "new.raw"), "wb")
+    expect_errno(errno.EROFS, open, img, "r+b")
+    expect_errno(errno.EROFS, os.unlink, img)
+    expect_errno(errno.EROFS, os.rename, img, m.path("mirror", "x.raw"))
+    expect_errno(errno.EROFS, os.chmod, img, 0o600)
+    assert os.getxattr(m.path("mirror"), "user.imagefs.read_only") == b"true"
+    assert os.stat(img).st_mode & 0o222 == 0
+
+
+def test_http_replaced_while_open_never_mixes(http_mount: tuple[Mount, Path]) -> None:
+    m, served = http_mount
+    old = (served / "cirros.raw").read_bytes()
+    with open(m.path("mirror", "cirros.raw"), "rb", buffering=0) as f:
+        first = f.read(65536)
+        assert first == old[:65536]
+        time.sleep(1.1)  # Last-Modified has one-second resolution
+        make_file(served / "new.tmp", len(old), "other")
+        os.replace(served / "new.tmp", served / "cirros.raw")
+        new = (served / "cirros.raw").read_bytes()
+        try:
+            f.seek(5 * MiB)
+            rest = f.read(MiB)
+        except OSError as e:
+            assert e.errno == errno.EIO
+        else:
+            assert rest == old[5 * MiB:6 * MiB], "bytes of the replacement mixed into a reader"
+            assert rest != new[5 * MiB:6 * MiB]
+
+
+def test_http_explicit_image_list_and_qemu_info_reads_little(
+        mount_factory: Any, nginx: Any, tmp_path: Path) -> None:
+    tool("qemu-img")
+    served = nginx.root / f"q-{tmp_path.name}"
+    served.mkdir()
+    big = served / "big.qcow2"
+    sh("qemu-img", "create", "-f", "qcow2", big, "100G")
+    sh("qemu-img", "resize", "--shrink", "-f", "qcow2", big, "100G")
+    with open(served / "pad.raw", "wb") as f:
+        f.truncate(2 << 30)  # 2 GiB sparse raw: only the header must be read
+    m = mount_factory({"mirror": {"type": "http", "url": f"{nginx.url}{served.name}/",
+                                  "images": ["big.qcow2", "pad.raw", "missing.raw"]}})
+    assert sorted(os.listdir(m.path("mirror"))) == ["big.qcow2", "pad.raw"]
+    log = nginx.dir / "log" / "access.log"
+    before = log.stat().st_size
+    out = sh("qemu-img", "info", "-f", "raw", m.path("mirror", "pad.raw")).stdout
+    assert "2 GiB" in out
+    info = sh("qemu-img", "info", m.path("mirror", "big.qcow2")).stdout
+    assert "100 GiB" in info
+    time.sleep(0.2)
+    lines = log.read_text()[before:].splitlines()
+    assert lines, "no request reached nginx"
+    assert not any("pad.raw" in ln and " 200 " in ln and "GET" in ln for ln in lines)
+
+
+# ---------------------------------------------------------------------------------- layout
+def test_root_layout_default_link_and_store_xattrs(mount_factory: Any,
+                                                    file_store_table: dict[str, Any],
+                                                    local_store_table: dict[str, Any]) -> None:
+    m = mount_factory({"fast": {**file_store_table, "default": True, "description": "SSD",
+                                "weight": 7},
+                       "slow": local_store_table})
+    assert sorted(os.listdir(m.root)) == ["default", "fast", "slow"]
+    assert os.readlink(m.root / "default") == "fast"
+    (m.root / "default" / "via-link.raw").write_bytes(b"x")
+    assert (m.path("fast", "via-link.raw")).read_bytes() == b"x"
+    xa = {k: os.getxattr(m.path("fast"), k).decode() for k in os.listxattr(m.path("fast"))}
+    assert xa == {"user.imagefs.type": "file", "user.imagefs.description": "SSD",
+                  "user.imagefs.default": "true", "user.imagefs.read_only": "false",
+                  "user.imagefs.weight": "7"}
+    expect_errno(errno.EPERM, os.mkdir, m.root / "newstore")
+    expect_errno(errno.EPERM, os.rmdir, m.path("slow"))
+
+
+def test_read_only_store_serves_reads(mount_factory: Any, file_store_table: dict[str, Any]
+                                      ) -> None:
+    Path(file_store_table["path"], "old.raw").write_bytes(b"r" * 1000)
+    m = mount_factory({"retiring": {**file_store_table, "read_only": True}})
+    assert m.path("retiring", "old.raw").read_bytes() == b"r" * 1000
+    expect_errno(errno.EROFS, open, m.path("retiring", "n.raw"), "wb")
+    expect_errno(errno.EROFS, os.unlink, m.path("retiring", "old.raw"))
+    expect_errno(errno.EROFS, os.utime, m.path("retiring", "old.raw"), (1, 1))
+
+
+def test_file_store_stays_inside_its_directory(mount_factory: Any,
+                                               file_store_table: dict[str, Any],
+                                               tmp_path: Path) -> None:
+    d = Path(file_store_table["path"])
+    secret = tmp_path / "outside.txt"
+    secret.write_text("secret")
+    os.symlink(secret, d / "escape.raw")
+    os.symlink("../outside.txt", d / "rel.raw")
+    (d / "subdir").mkdir()
+    (d / "ok.raw").write_bytes(b"ok")
+    m = mount_factory({"s": file_store_table})
+    assert os.listdir(m.path("s")) == ["ok.raw"]
+    for name in ("escape.raw", "rel.raw", "subdir"):
+        expect_errno(errno.ENOENT, open, m.path("s", name), "rb")
+    expect_errno(errno.ENOENT, open, m.path("s") / ".." / ".." / "outside.txt", "rb")
+    (m.path("s", "escape.raw")).write_bytes(b"replaced")  # creates an image, not a link write
+    assert secret.read_text() == "secret"
+
+
+# ---------------------------------------------------------------------------------- CLI
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*IMAGEFS, *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_version_and_help() -> None:
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("imagefs ")
+    for cmd in ("mount", "umount", "stores", "demo"):
+        r = run_cli(cmd, "--help")
+        assert r.returncode == 0 and "usage:" in r.stdout
+    r = subprocess.run([sys.executable, "-c", "from imagefs.cli import mount_helper; "
+                        "raise SystemExit(mount_helper(['--help']))"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "mount.imagefs" in r.stdout
+
+
+def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[stores.a]\ntype = "file"\npath = "/x"\nbogus = 1\n')
+    (tmp_path / "mnt").mkdir()
+    r = run_cli("mount", cfg, tmp_path / "mnt")
+    assert r.returncode == 2
+    assert str(cfg) in r.stderr and "stores.a.bogus" in r.stderr and "unknown key" in r.stderr
+    r = run_cli("mount", cfg, tmp_path / "mnt", "-o", "frobnicate")
+    assert r.returncode == 2 and "frobnicate" in r.stderr
+
+
+def test_mount_failures_are_clear(tmp_path: Path, file_store_table: dict[str, Any]) -> None:
+    cfg = write_config(tmp_path, {"s": {"type": "file", "path": str(tmp_path / "nope")}})
+    (tmp_path / "mnt").mkdir()
+    r = run_cli("mount", cfg, tmp_path / "mnt")
+    assert r.returncode == 1
+    assert "store s" in r.stderr and "nope" in r.stderr
+    assert not os.path.ismount(tmp_path / "mnt")
+    cfg = write_config(tmp_path, {"s": file_store_table})
+    r = run_cli("mount", cfg, tmp_path / "no-such-dir")
+    assert r.returncode == 1 and "not a directory" in r.stderr
+
+
+def _daemon_pid(m: Mount) -> int:
+    out = subprocess.run(["pgrep", "-f", f"imagefs mount {m.config}"], capture_output=True,
+                         text=True).stdout.split()
+    assert out, "daemon not found"
+    return int(out[0])
+
+
+def test_umount_waits_for_open_files(mount_factory: Any, file_store_table: dict[str, Any]
+                                     ) -> None:
+    m = mount_factory({"s": file_store_table})
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'h'*100000); f.flush();"
+        "print('ready',flush=True); time.sleep(3); f.close()"), str(m.path("s", "held.raw"))],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+    r = run_cli("umount", m.root, "--timeout", "1")
+    assert r.returncode == 1 and "busy" in r.stderr
+    assert os.path.ismount(m.root)
+    r = run_cli("umount", m.root, "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    holder.wait(10)
+    assert not os.path.ismount(m.root)
+    assert Path(file_store_table["path"], "held.raw").read_bytes() == b"h" * 100000
+
+
+def test_sigterm_with_open_writer_publishes_nothing(mount_factory: Any,
+                                                    file_store_table: dict[str, Any]) -> None:
+    m = mount_factory({"s": file_store_table})
+    pid = _daemon_pid(m)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'p'*100000); f.flush();"
+        "print('ready',flush=True); time.sleep(30)"), str(m.path("s", "partial.raw"))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/proc/{pid}"), "daemon did not exit on SIGTERM"
+    finally:
+        holder.kill()
+        holder.wait()
+    unmount(m)
+    assert os.listdir(file_store_table["path"]) == [], "partial image or upload left behind"
+
+
+def test_stores_command(mount_factory: Any, file_store_table: dict[str, Any]) -> None:
+    m = mount_factory({"fast": {**file_store_table, "default": True, "description": "SSD"}})
+    Path(file_store_table["path"], "a.raw").write_bytes(b"1234")
+    r = run_cli("stores", m.config, "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    (row,) = json.loads(r.stdout)["stores"]
+    assert row["id"] == "fast" and row["default"] is True and row["read-only"] is False
+    assert row["properties"]["images"] == 1 and row["properties"]["bytes"] == 4
+    r = run_cli("stores", m.root)
+    assert r.returncode == 0 and "fast" in r.stdout and "SSD" in r.stdout
