@@ -102,6 +102,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _fail(str(e))
 
 
+def cmd_replicate(args: argparse.Namespace) -> int:
+    from imagefs import replicate
+
+    return replicate.main(args)
+
+
 def _add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="TOML configuration file")
     p.add_argument("mountpoint", help="directory to mount on")
@@ -145,6 +151,33 @@ def parser() -> argparse.ArgumentParser:
                                    "mount them on DIR/mnt.")
     d.add_argument("dir", nargs="?", default="/var/lib/imagefs-demo")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("copy", help="replicate an image to other stores of its mount",
+                       description="Read MOUNTPOINT/STORE/IMAGE once and write it to every "
+                                   "named store concurrently, verifying each copy's hash. "
+                                   "Exit 0 all copied, 1 failed (copies removed), 2 usage, "
+                                   "4 partial (--allow-partial).")
+    c.add_argument("source", help="MOUNTPOINT/STORE/IMAGE")
+    dest = c.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--to", metavar="STORE[,STORE...]")
+    dest.add_argument("--all-stores", action="store_true",
+                      help="every writable store but the source's")
+    c.add_argument("--allow-partial", action="store_true",
+                   help="keep the copies that succeeded when another fails")
+    c.set_defaults(func=cmd_replicate)
+
+    h = sub.add_parser("hash", help="compute and store an image's Glance hashes",
+                       description="Read the image and store os_hash_algo, os_hash_value and "
+                                   "checksum (md5) with it in its backend.")
+    h.add_argument("image", help="MOUNTPOINT/STORE/IMAGE")
+    h.add_argument("--algo", default="sha512",
+                   choices=["sha512", "sha384", "sha256", "sha1", "md5"])
+    h.set_defaults(func=cmd_replicate)
+
+    v = sub.add_parser("verify", help="read an image and compare with its stored hash",
+                       description="Exit 0 match, 1 mismatch or read error, 3 no stored hash.")
+    v.add_argument("image", help="MOUNTPOINT/STORE/IMAGE")
+    v.set_defaults(func=cmd_replicate)
     return p
 
 
@@ -159,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parser_commands() -> set[str]:
-    return {"mount", "umount", "stores", "demo"}
+    return {"mount", "umount", "stores", "demo", "copy", "hash", "verify"}
 
 
 def mount_helper(argv: list[str] | None = None) -> int:

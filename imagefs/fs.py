@@ -62,6 +62,9 @@ _QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV, errno.EROFS,
           errno.EISDIR, errno.ENOTDIR, errno.EACCES}
 
 
+_SETTABLE_META = ("os_hash_algo", "os_hash_value", "checksum")
+
+
 def errno_of(e: BaseException) -> int:
     for cls in type(e).__mro__:
         if cls in _ERRNO:
@@ -649,7 +652,7 @@ class ImageFS(pyfuse3.Operations):
             out["user.imagefs.location"] = store.location(node.name)
         except StoreError:
             pass
-        for key in ("os_hash_algo", "os_hash_value", "checksum"):
+        for key in _SETTABLE_META:
             if key in info.meta:
                 out[f"user.imagefs.{key}"] = info.meta[key]
         return out
@@ -665,8 +668,19 @@ class ImageFS(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return [k.encode() for k in await self._xattrs(inode)]
 
+    @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        """Only the hash attributes are settable (``imagefs hash`` stores them this way)."""
+        key = _decode(name).removeprefix("user.imagefs.")
+        node = self.inodes.node(inode)
+        if key not in _SETTABLE_META or node is None or node.name is None:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        store = self.stores[node.store_id]
+        if self._read_only(store):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        info = await bridge.call(store, store.set_meta, node.name, {key: _decode(value)})
+        self.catalogs[store.id].put(info)
+        node.extra["info"] = info
 
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         raise pyfuse3.FUSEError(errno.EOPNOTSUPP)

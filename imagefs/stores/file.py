@@ -101,13 +101,13 @@ class FileUpload(Upload):
             os.rename(self.tmp, self.name, src_dir_fd=self.store.dirfd,
                       dst_dir_fd=self.store.dirfd)
             os.fsync(self.store.dirfd)
-            st = os.fstat(fd)
+            info = self.store._info(self.name, os.fstat(fd), fd=fd)
         except OSError as e:
             self.abort()
             raise _fail(e, f"{self.store.id}/{self.name}: publish") from None
         os.close(fd)
         self.fd = None
-        return self.store._info(self.name, st, fd=None)
+        return info
 
     def abort(self) -> None:
         if self.fd is not None:
