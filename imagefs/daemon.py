@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,8 +257,39 @@ def serve(config: Config, mountpoint: str, opts: MountOptions, foreground: bool,
     return 0
 
 
+def _clear_dead_mount(mountpoint: str) -> None:
+    """A daemon that died leaves 'Transport endpoint is not connected': lazily unmount it so a
+    restart (systemd Restart=on-failure) can mount again."""
+    if _is_imagefs_mount(mountpoint) and not _daemon_alive(pidfile_for(mountpoint)):
+        log.warning("%s: clearing a dead imagefs mount", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+def _is_imagefs_mount(mountpoint: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4] == mountpoint and fields[sep + 1] == "fuse.imagefs":
+                return True
+    return False
+
+
+def _daemon_alive(pidfile: Path) -> bool:
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie serves nothing
+    except OSError:
+        return False
+
+
 def mount(config: Config, mountpoint: str, opts: MountOptions, foreground: bool) -> int:
     """``imagefs mount``: serve in the foreground, or fork and return once the mount is ready."""
+    _clear_dead_mount(mountpoint)
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):

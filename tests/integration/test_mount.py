@@ -252,3 +252,32 @@ def test_stores_command(mount_factory: Any, file_store_table: dict[str, Any]) ->
     assert row["properties"]["images"] == 1 and row["properties"]["bytes"] == 4
     r = run_cli("stores", m.root)
     assert r.returncode == 0 and "fast" in r.stdout and "SSD" in r.stdout
+
+
+def test_daemon_crash_keeps_published_image_and_remount_cleans(
+        mount_factory: Any, file_store_table: dict[str, Any], tmp_path: Path) -> None:
+    d = Path(file_store_table["path"])
+    (d / "img.raw").write_bytes(b"published" * 1000)
+    m = mount_factory({"s": file_store_table})
+    pid = _daemon_pid(m)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*300000); f.flush();"
+        "print('ready',flush=True); time.sleep(30)"), str(m.path("s", "img.raw"))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (d / "img.raw").read_bytes() == b"published" * 1000
+    assert any(n.startswith(".imagefs-") for n in os.listdir(d)), "expected the crash leftover"
+    # the dead mount point is cleared and the leftover upload removed by the next mount
+    r = subprocess.run([*IMAGEFS, "mount", str(m.config), str(m.root), "-o", f"log={m.log}"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(d) == ["img.raw"]
+    assert m.path("s", "img.raw").read_bytes() == b"published" * 1000
