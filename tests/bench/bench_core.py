@@ -38,7 +38,8 @@ def main() -> None:
         m = mount(work / "m", {
             "file": {"type": "file", "path": str(store_dir)},
             "web": {"type": "http", "url": f"{info.url}b/"},
-        }, cache={"memory_size": "256MiB", "disk_size": "2GiB"})
+        }, cache={"memory_size": "256MiB", "disk_size": "2GiB",
+                  "block_size": os.environ.get("BENCH_BLOCK_SIZE", "1MiB")})
         try:
             drop_caches()
             t_disk_w = timed(lambda: dd(src, store_dir / "direct.raw", extra=("conv=fsync",)))

@@ -33,6 +33,6 @@ def report(title: str, size: int, rows: list[tuple[str, float, str]]) -> None:
     """rows: (label, seconds, reference label or ''); prints MB/s and ratio to the reference."""
     speeds = {label: size / secs / 1e6 for label, secs, _ in rows}
     print(f"\n== {title} ({size / MiB:.0f} MiB)")
-    for label, secs, ref in rows:
+    for label, _secs, ref in rows:
         ratio = f"  {speeds[label] / speeds[ref]:5.2f}x of {ref}" if ref else ""
         print(f"  {label:<44} {speeds[label]:8.1f} MB/s{ratio}")
