@@ -166,6 +166,7 @@ class ImageFS(pyfuse3.Operations):
         self._next_fh = 1
         self._dir_listings: dict[int, list[tuple[bytes, Any]]] = {}
         self._started = time.time_ns()
+        self._dir_overrides: dict[int, dict[str, int]] = {}
 
     def bind(self, nursery: trio.Nursery) -> None:
         """Attach the nursery that background work (prefetch, streaming uploads) runs in."""
@@ -192,6 +193,12 @@ class ImageFS(pyfuse3.Operations):
         writable = store is not None and not self._read_only(store)
         a.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
         a.st_nlink = 2
+        over = self._dir_overrides.get(ino)
+        if over:
+            if "mtime_ns" in over:
+                a.st_mtime_ns = a.st_ctime_ns = over["mtime_ns"]
+            if "mode" in over:
+                a.st_mode = stat.S_IFDIR | over["mode"]
         return a
 
     def _link_attr(self) -> pyfuse3.EntryAttributes:
@@ -304,6 +311,9 @@ class ImageFS(pyfuse3.Operations):
                       fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
         if node is None:
+            if inode in self.inodes.ino_store and not (
+                    fields.update_size or fields.update_uid or fields.update_gid):
+                return self._set_dir_attr(inode, attr, fields)
             if inode == ROOT or inode in self.inodes.ino_store:
                 raise pyfuse3.FUSEError(errno.EPERM)
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -338,6 +348,19 @@ class ImageFS(pyfuse3.Operations):
                 if w is not None:
                     w.base = info
         return await self._attr_of(node)
+
+    def _set_dir_attr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any
+                      ) -> pyfuse3.EntryAttributes:
+        """``rsync -a SRC/ STORE/`` sets the directory's times and mode: accept and remember them
+        for this mount (a store directory has nothing in the backend to keep them in)."""
+        if self._read_only(self.stores[self.inodes.ino_store[inode]]):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        over = self._dir_overrides.setdefault(inode, {})
+        if fields.update_mtime:
+            over["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_mode:
+            over["mode"] = attr.st_mode & 0o7777
+        return self._dir_attr(inode, self.stores[self.inodes.ino_store[inode]])
 
     async def _truncate_published(self, node: Node, store: Store, size: int) -> None:
         """truncate(2) on a path: a new version with the old bytes up to ``size``."""

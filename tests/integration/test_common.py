@@ -22,8 +22,11 @@ MiB = 1 << 20
 
 
 def sh(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, check=check,
-                          timeout=600)
+    """Run a real program; on failure the assertion shows its output."""
+    r = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, f"{argv[0]} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+    return r
 
 
 def make_file(path: Path, size: int, seed: str = "x") -> str:
