@@ -45,7 +45,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     return rep
 
 
-STORE_KINDS = ["file", "s3", "rbd", "swift", "rgw_swift"]
+# Kinds whose store module and fixtures exist; each new store type adds itself here.
+STORE_KINDS = ["file"]
+
+# Needs every store type in one mount; collected once s3, rbd and swift stores exist.
+collect_ignore = ["integration/test_multistore.py"]
 
 
 @pytest.fixture(params=STORE_KINDS)
