@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,6 +160,8 @@ def build_fs(config: Config, stores: list[Store], mountpoint: str, opts: MountOp
         raise MountError(f"cache directory {mount_dir}: {e.strerror or e}") from None
     for leftover in spool.iterdir():
         leftover.unlink(missing_ok=True)
+    # Stores buffer large upload parts in temporary files: keep them in the cache, not /tmp.
+    tempfile.tempdir = str(spool)
     cache = BlockCache(MemoryCache(cc.memory_size), disk)
 
     def source(nursery: trio.Nursery) -> BlockSource:

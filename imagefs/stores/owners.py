@@ -1,0 +1,49 @@
+"""Who owns an upload in progress: ids that let the next mount tell a crashed writer's leftovers
+from a live writer's work.
+
+An owner id is ``<host>_<pid>_<starttime>_<random>``. The process start time (clock ticks since
+boot, from /proc) makes a recycled pid harmless. A leftover on this host whose process is gone
+is "dead" and may be removed at once; one from another host is "elsewhere": nothing can be known
+about it, so only its age may condemn it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9-]")
+
+
+def host() -> str:
+    """This host's name, reduced to characters safe in object names and ids."""
+    return _UNSAFE.sub("-", socket.gethostname())[:63].strip("-") or "host"
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, it identifies a process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def new_owner_id() -> str:
+    """A fresh id for one upload of this process."""
+    pid = os.getpid()
+    return f"{host()}_{pid}_{start_time(pid) or 0}_{secrets.token_hex(4)}"
+
+
+def owner_state(owner_id: str) -> str:
+    """"alive", "dead" (this host, process gone) or "elsewhere" (another host, or not an id)."""
+    try:
+        owner_host, pid, start, _rand = owner_id.rsplit("_", 3)
+    except ValueError:
+        return "elsewhere"
+    if owner_host != host() or not pid.isdigit():
+        return "elsewhere"
+    return "alive" if start_time(int(pid)) == start else "dead"

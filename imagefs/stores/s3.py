@@ -1,0 +1,736 @@
+"""``type = "s3"``: images are objects in one S3 bucket, optionally under a key prefix.
+
+Reads
+    Ranged GETs with ``If-Match`` on the ETag seen at open: a replaced object answers 412 and the
+    reader gets ``Changed`` (EIO), never bytes of two versions. The response's ETag,
+    Content-Range and length are checked before its bytes are used.
+
+Uploads
+    Writes arrive in order (no ``random_write``: ``writer.py`` spools non-sequential writers and
+    uploads the spool at close). An image smaller than one part is a single PUT at commit, with
+    its metadata. A larger one becomes a multipart upload to a hidden key
+    ``<prefix>.imagefs-up-<owner-id>``; parts go up from a small thread pool while the writer
+    goes on. Commit completes the upload, then a server-side copy to the final key (with mtime,
+    mode and hashes as metadata, which S3 only accepts when an object is created) publishes the
+    whole image in one step, and the hidden object is deleted. The final key therefore never
+    holds a partial object, and a crash leaves only hidden keys that carry their owner's id.
+
+    Part sizes start at ``part_size`` (or what a known size needs to fit 9,000 parts) and double
+    every 1,000 parts, so any image up to S3's 5 TiB fits in 10,000 parts. Memory per upload is
+    bounded by ``upload_memory``: parts that would not fit ``upload_concurrency + 1`` times in
+    it are buffered in unlinked temporary files instead of RAM.
+
+Copies
+    Rename, metadata changes and publishing are server-side copies with ``CopySourceIfMatch``:
+    one CopyObject up to ``multipart_copy_threshold`` (S3 refuses more than 5 GiB), above that a
+    multipart upload of UploadPartCopy ranges. Rename then deletes the source.
+
+Leftovers
+    At mount, multipart uploads and completed hidden objects under the prefix whose owner is
+    gone (this host, process dead) are removed; those of other hosts once older than
+    ``leftover_age``.
+
+Errors
+    botocore's own retry configuration ("standard" mode) retries what is safe; each attempt is
+    bounded by ``timeout``, so a dead endpoint ends in ``BackendError`` (EIO), never a hang.
+    The secret is read from ``secret_access_key_file`` and never logged.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import hashlib
+import logging
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+from urllib.parse import quote, urlsplit
+
+from imagefs.config import Option
+from imagefs.stores.base import (
+    HIDDEN_PREFIX,
+    META_MODE,
+    BackendError,
+    Changed,
+    ImageInfo,
+    InvalidName,
+    NoSpace,
+    NotFound,
+    OptionError,
+    ReadOnly,
+    Store,
+    Upload,
+    check_name,
+    is_hidden,
+    meta_mode,
+    meta_mtime,
+    user_meta,
+)
+from imagefs.stores.owners import new_owner_id, owner_state
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+GiB = 1 << 30
+MIN_PART = 5 * MiB  # S3's floor for every part but the last
+MAX_PART = 5 * GiB
+MAX_PARTS = 10_000
+PARTS_PER_TIER = 1_000  # part size doubles after each tier of this many parts
+UPLOAD_TAG = HIDDEN_PREFIX + "up-"
+
+_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _code(e: Exception) -> tuple[str, int]:
+    """(error code, HTTP status) of a botocore ClientError, ("", 0) for anything else."""
+    resp = getattr(e, "response", None) or {}
+    return (str(resp.get("Error", {}).get("Code", "")),
+            int(resp.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0))
+
+
+def _etag(value: str | None) -> str:
+    return (value or "").strip().strip('"')
+
+
+def _encode_meta(meta: Mapping[str, str]) -> dict[str, str]:
+    """``os_hash_value`` → ``os-hash-value``: proxies in front of S3 may drop '_' headers."""
+    return {k.replace("_", "-"): str(v) for k, v in user_meta(meta).items()}
+
+
+def _decode_meta(meta: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower().replace("-", "_"): v for k, v in meta.items()}
+
+
+def _md5_b64(data: bytes | memoryview) -> str:
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def _part_size_for(base: int, number: int) -> int:
+    """Size of part ``number`` (1-based): doubling every tier keeps 10,000 parts enough."""
+    return min(MAX_PART, base << ((number - 1) // PARTS_PER_TIER))
+
+
+class _Part:
+    """One part's bytes: in memory when small enough, else in an unlinked temporary file."""
+
+    def __init__(self, number: int, size: int, in_memory: bool) -> None:
+        self.number = number
+        self.size = size
+        self.length = 0
+        self._mem: bytearray | None = bytearray() if in_memory else None
+        self._file: IO[bytes] | None = None if in_memory else tempfile.TemporaryFile()
+        self._md5 = hashlib.md5()
+
+    def add(self, data: memoryview) -> int:
+        """Append what fits; returns how many bytes were taken."""
+        take = data[: self.size - self.length]
+        if self._mem is not None:
+            self._mem += take
+        else:
+            assert self._file is not None
+            self._file.write(take)
+        self._md5.update(take)
+        self.length += len(take)
+        return len(take)
+
+    @property
+    def full(self) -> bool:
+        return self.length >= self.size
+
+    def body(self) -> bytes | IO[bytes]:
+        if self._mem is not None:
+            return bytes(self._mem)
+        assert self._file is not None
+        self._file.seek(0)
+        return self._file
+
+    def content_md5(self) -> str:
+        return base64.b64encode(self._md5.digest()).decode()
+
+    def release(self) -> None:
+        self._mem = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class S3Upload(Upload):
+    """A new image streaming into a hidden multipart upload (or one PUT if it stays small)."""
+
+    def __init__(self, store: S3Store, name: str, size_hint: int | None) -> None:
+        self.store = store
+        self.name = name
+        self.key = store._key(name)
+        self.hidden = f"{store.prefix}{UPLOAD_TAG}{new_owner_id()}"
+        self.pos = 0
+        self.base_part = store._base_part_size(size_hint)
+        self.part: _Part | None = None
+        self.upload_id: str | None = None
+        self.etags: dict[int, str] = {}
+        self.parts_made = 0
+        self.pending: list[concurrent.futures.Future[None]] = []
+        self.failed: BaseException | None = None
+        self.finished = False
+        self._slots = threading.Semaphore(store.upload_concurrency)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def _what(self) -> str:
+        return f"{self.store.id}/{self.name}"
+
+    def _new_part(self) -> _Part:
+        self.parts_made += 1
+        number = self.parts_made
+        if number > MAX_PARTS:
+            raise NoSpace(f"{self._what()}: image exceeds {MAX_PARTS} parts")
+        size = _part_size_for(self.base_part, number)
+        return _Part(number, size, self.store._part_in_memory(size))
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.finished:
+            raise BackendError(f"{self._what()}: upload already finished")
+        if offset != self.pos:
+            raise BackendError(f"{self._what()}: S3 uploads take writes in order "
+                               f"(got offset {offset}, expected {self.pos})")
+        self._check_failed()
+        view = memoryview(data)
+        while view:
+            if self.part is None:
+                self.part = self._new_part()
+            view = view[self.part.add(view):]
+            if self.part.full:
+                part, self.part = self.part, None
+                self._send(part)
+        self.pos += len(data)
+
+    def _check_failed(self) -> None:
+        if self.failed is not None:
+            raise BackendError(f"{self._what()}: part upload failed: {self.failed}")
+
+    def _send(self, part: _Part) -> None:
+        """Hand a full part to the pool; blocks while ``upload_concurrency`` parts are in flight."""
+        if self.upload_id is None:
+            self.upload_id = self.store._create_multipart(self.hidden, {})
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.store.upload_concurrency, thread_name_prefix=f"s3-{self.store.id}")
+        deadline = time.monotonic() + self.store.timeout * 4
+        while not self._slots.acquire(timeout=0.5):
+            self._check_failed()
+            if time.monotonic() > deadline:
+                part.release()
+                raise BackendError(f"{self._what()}: part uploads stalled")
+        fut = self._pool.submit(self._upload_part, part)
+        self.pending.append(fut)
+
+    def _upload_part(self, part: _Part) -> None:
+        try:
+            etag = self.store._upload_part(self.hidden, self.upload_id or "", part)
+            with self._lock:
+                self.etags[part.number] = etag
+        except BaseException as e:
+            self.failed = self.failed or e
+            raise
+        finally:
+            part.release()
+            self._slots.release()
+
+    def _wait_parts(self) -> None:
+        done, _ = concurrent.futures.wait(self.pending)
+        self.pending = []
+        self._check_failed()
+
+    def flush(self) -> None:
+        """Parts sent so far are stored; the tail stays buffered (S3 needs 5 MiB per part)."""
+        self._wait_parts()
+
+    def commit(self, meta: Mapping[str, str]) -> ImageInfo:
+        if self.finished:
+            raise BackendError(f"{self._what()}: upload already finished")
+        store = self.store
+        try:
+            if self.upload_id is None:
+                part = self.part or _Part(1, 0, True)
+                self.part = None
+                info = store._put_small(self.name, part, meta)
+            else:
+                if self.part is not None and self.part.length:
+                    part, self.part = self.part, None
+                    self._send(part)
+                self._wait_parts()
+                store._complete(self.hidden, self.upload_id, self.etags, self.pos)
+                self.upload_id = None
+                info = store._copy(self.hidden, self.key, meta, None, self.pos)
+                store._delete_key_quietly(self.hidden)
+        except BaseException:
+            self.abort()
+            raise
+        self._close_pool()
+        self.finished = True
+        if info.size != self.pos:
+            raise BackendError(f"{self._what()}: published {info.size} bytes, wrote {self.pos}")
+        return info
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def abort(self) -> None:
+        self.finished = True
+        if self.part is not None:
+            self.part.release()
+            self.part = None
+        concurrent.futures.wait(self.pending)
+        self.pending = []
+        self._close_pool()
+        if self.upload_id is not None:
+            self.store._abort_multipart(self.hidden, self.upload_id)
+            self.upload_id = None
+        self.store._delete_key_quietly(self.hidden)
+
+
+class S3Store(Store):
+    type_name = "s3"
+    OPTIONS = {
+        "endpoint_url": Option("str", help="S3 endpoint; omitted: AWS"),
+        "bucket": Option("str", required=True),
+        "prefix": Option("str", default=""),
+        "region": Option("str"),
+        "profile": Option("str", help="a profile of the AWS shared config/credentials"),
+        "access_key_id": Option("str"),
+        "secret_access_key_file": Option("path", help="file holding the secret access key"),
+        "addressing_style": Option(("path", "virtual", "auto"), default="auto"),
+        "ca_bundle": Option("path"),
+        "verify_tls": Option("bool", default=True),
+        "part_size": Option("size", default=8 * MiB),
+        "upload_concurrency": Option("int", default=4),
+        "upload_memory": Option("size", default=64 * MiB),
+        "multipart_copy_threshold": Option("size", default=MAX_PART),
+        "max_attempts": Option("int", default=4),
+        "leftover_age": Option("float", default=86400.0),
+    }
+    capabilities = frozenset({"rename", "server_side_copy"})
+    default_concurrency = 16
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        o = self.options
+        self.bucket: str = o["bucket"]
+        self.prefix: str = o.get("prefix") or ""
+        self.part_size: int = o["part_size"]
+        self.upload_concurrency: int = o["upload_concurrency"]
+        self.upload_memory: int = o["upload_memory"]
+        self.copy_threshold: int = o["multipart_copy_threshold"]
+        self._concurrency: int = cfg.concurrency or self.default_concurrency
+        self._client: Any = None
+        self._heads: dict[str, tuple[tuple[Any, ...], ImageInfo]] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        if not _BUCKET.match(options["bucket"]):
+            raise OptionError("bucket", "a bucket name: 3-63 of a-z 0-9 . -")
+        prefix = options.get("prefix") or ""
+        if prefix.startswith("/") or "//" in prefix:
+            raise OptionError("prefix", 'a key prefix without a leading "/" or "//"')
+        if prefix and not prefix.endswith("/") and "/" in prefix:
+            raise OptionError("prefix", 'a prefix ending in "/" when it contains "/"')
+        if bool(options.get("access_key_id")) != bool(options.get("secret_access_key_file")):
+            raise OptionError("secret_access_key_file" if options.get("access_key_id")
+                              else "access_key_id",
+                              "access_key_id and secret_access_key_file given together")
+        if options.get("profile") and options.get("access_key_id"):
+            raise OptionError("profile", "either profile or access_key_id, not both")
+        if not MIN_PART <= options["part_size"] <= MAX_PART:
+            raise OptionError("part_size", "a size from 5MiB to 5GiB")
+        if not 1 <= options["upload_concurrency"] <= 64:
+            raise OptionError("upload_concurrency", "an integer from 1 to 64")
+        if not MIN_PART <= options["multipart_copy_threshold"] <= MAX_PART:
+            raise OptionError("multipart_copy_threshold", "a size from 5MiB to 5GiB")
+        if options["max_attempts"] < 1:
+            raise OptionError("max_attempts", "an integer of at least 1")
+        url = options.get("endpoint_url")
+        if url and urlsplit(url).scheme not in ("http", "https"):
+            raise OptionError("endpoint_url", "an http:// or https:// URL")
+
+    # ------------------------------------------------------------------ connection
+    def open(self) -> None:
+        import boto3
+        from botocore.config import Config
+
+        o = self.options
+        secret = None
+        if o.get("secret_access_key_file"):
+            try:
+                with open(o["secret_access_key_file"]) as f:
+                    secret = f.read().strip()
+            except OSError as e:
+                raise BackendError(f"store {self.id}: cannot read secret_access_key_file "
+                                   f"{o['secret_access_key_file']}: {e.strerror}") from None
+        session = boto3.session.Session(profile_name=o.get("profile"),
+                                        aws_access_key_id=o.get("access_key_id"),
+                                        aws_secret_access_key=secret)
+        config = Config(
+            region_name=o.get("region"),
+            signature_version="s3v4",
+            s3={"addressing_style": o["addressing_style"]},
+            retries={"mode": "standard", "max_attempts": o["max_attempts"]},
+            connect_timeout=min(self.timeout, 10.0),
+            read_timeout=self.timeout,
+            max_pool_connections=self._concurrency + 2 * self.upload_concurrency + 4,
+            tcp_keepalive=True,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        verify: bool | str = o.get("ca_bundle") or o["verify_tls"]
+        self._client = session.client("s3", endpoint_url=o.get("endpoint_url"), config=config,
+                                      verify=verify)
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            self._concurrency, thread_name_prefix=f"s3-head-{self.id}")
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except Exception as e:
+            raise self._error(e, f"store {self.id}: bucket {self.bucket}") from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    @property
+    def s3(self) -> Any:
+        if self._client is None:
+            raise BackendError(f"store {self.id} is not open")
+        return self._client
+
+    def _key(self, name: str) -> str:
+        return self.prefix + name
+
+    def _error(self, e: BaseException, what: str, write: bool = False) -> Exception:
+        """Map a botocore/urllib3 failure to the store errors the FUSE layer understands."""
+        code, status = _code(e)  # type: ignore[arg-type]
+        if code in ("NoSuchKey", "NotFound", "404") or status == 404:
+            return NotFound(what)
+        if code in ("PreconditionFailed",) or status == 412:
+            return Changed(f"{what} changed since it was opened")
+        if code in ("QuotaExceeded", "EntityTooLarge", "InsufficientCapacity"):
+            return NoSpace(f"{what}: {code}")
+        if code in ("AccessDenied", "AllAccessDisabled") and write:
+            return ReadOnly(f"{what}: {code}")
+        if code in ("KeyTooLongError",):
+            return InvalidName(f"{what}: {code}")
+        if status:
+            return BackendError(f"{what}: HTTP {status} {code}")
+        return BackendError(f"{what}: {type(e).__name__}: {e}", retryable=True)
+
+    def _call(self, what: str, method: str, write: bool = False, **kw: Any) -> Any:
+        try:
+            return getattr(self.s3, method)(Bucket=self.bucket, **kw)
+        except Exception as e:
+            raise self._error(e, what, write) from None
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnly(f"store {self.id} is read-only")
+
+    # ------------------------------------------------------------------ reading
+    def _info(self, name: str, head: Mapping[str, Any]) -> ImageInfo:
+        meta = _decode_meta(head.get("Metadata") or {})
+        modified = head.get("LastModified")
+        return ImageInfo(name=name, size=int(head["ContentLength"]),
+                         mtime=meta_mtime(meta, modified.timestamp() if modified else 0.0),
+                         mode=meta_mode(meta), version=_etag(head.get("ETag")), meta=meta)
+
+    def stat(self, name: str) -> ImageInfo:
+        check_name(name)
+        head = self._call(f"{self.id}/{name}", "head_object", Key=self._key(name))
+        return self._info(name, head)
+
+    def _names(self, prefix: str) -> Iterator[Mapping[str, Any]]:
+        """Listing entries directly under ``prefix``, page by page (1,000 at a time)."""
+        pages = self.s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix, Delimiter="/")
+        try:
+            for page in pages:
+                yield from page.get("Contents") or ()
+        except Exception as e:
+            raise self._error(e, f"store {self.id}: listing {self.bucket}/{prefix}") from None
+
+    def list(self) -> Iterator[ImageInfo]:
+        """Listings carry no metadata, so each entry is HEADed, in parallel, and remembered by
+        (ETag, LastModified, Size): a metadata change rewrites the object and changes the key."""
+        assert self._pool is not None
+        seen: dict[str, tuple[tuple[Any, ...], ImageInfo]] = {}
+        batch: list[tuple[str, tuple[Any, ...]]] = []
+
+        def flush() -> Iterator[ImageInfo]:
+            todo = [(n, k) for n, k in batch
+                    if n not in self._heads or self._heads[n][0] != k]
+            futs = {n: self._pool.submit(self._head_quietly, n) for n, _ in todo}  # type: ignore[union-attr]
+            for n, k in batch:
+                info = futs[n].result() if n in futs else self._heads[n][1]
+                if info is not None:
+                    seen[n] = (k, info)
+                    yield info
+            batch.clear()
+
+        for entry in self._names(self.prefix):
+            name = entry["Key"][len(self.prefix):]
+            if is_hidden(name):
+                continue
+            try:
+                check_name(name)
+            except InvalidName:
+                continue
+            batch.append((name, (_etag(entry.get("ETag")), entry.get("LastModified"),
+                                 entry.get("Size"))))
+            if len(batch) >= 1000:
+                yield from flush()
+        yield from flush()
+        self._heads = seen
+
+    def _head_quietly(self, name: str) -> ImageInfo | None:
+        try:
+            return self.stat(name)
+        except NotFound:
+            return None  # deleted between listing and HEAD
+
+    def read_range(self, name: str, version: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        what = f"{self.id}/{name}"
+        try:
+            r = self.s3.get_object(Bucket=self.bucket, Key=self._key(name),
+                                   Range=f"bytes={offset}-{offset + length - 1}",
+                                   IfMatch=f'"{version}"')
+        except Exception as e:
+            code, status = _code(e)  # type: ignore[arg-type]
+            if code == "InvalidRange" or status == 416:
+                return b""  # at or past the end
+            raise self._error(e, what) from None
+        body = r["Body"]
+        try:
+            if _etag(r.get("ETag")) != version:
+                raise Changed(f"{what} changed since it was opened")
+            status = r["ResponseMetadata"]["HTTPStatusCode"]
+            got = int(r.get("ContentLength", -1))
+            if status == 206:
+                m = _RANGE.match(r.get("ContentRange") or "")
+                if not m or int(m.group(1)) != offset:
+                    raise BackendError(f"{what}: bad Content-Range {r.get('ContentRange')!r}")
+                total = int(m.group(3)) if m.group(3) != "*" else offset + got
+                expect = min(length, total - offset)
+                if int(m.group(2)) - offset + 1 != expect:
+                    raise BackendError(f"{what}: bad Content-Range {r.get('ContentRange')!r}")
+            elif status == 200 and offset == 0:
+                expect = min(length, got)  # a server that ignores Range sends it all
+            else:
+                raise BackendError(f"{what}: unexpected HTTP {status} to a ranged GET")
+            data = body.read(expect) if status == 200 else body.read()
+            if len(data) != expect or (status == 206 and got != expect):
+                raise BackendError(f"{what}: short read: {len(data)} of {expect} bytes")
+            return data
+        except (Changed, BackendError):
+            raise
+        except Exception as e:
+            raise BackendError(f"{what}: reading body: {type(e).__name__}: {e}",
+                               retryable=True) from None
+        finally:
+            body.close()
+
+    # ------------------------------------------------------------------ uploads
+    def _base_part_size(self, size_hint: int | None) -> int:
+        """A known size gets parts large enough to fit in 9,000 (slack for growth)."""
+        if not size_hint:
+            return self.part_size
+        need = -(-size_hint // 9000)
+        return min(MAX_PART, max(self.part_size, -(-need // MiB) * MiB))
+
+    def _part_in_memory(self, size: int) -> bool:
+        return size * (self.upload_concurrency + 1) <= self.upload_memory
+
+    def upload(self, name: str, size_hint: int | None = None) -> Upload:
+        self._writable()
+        check_name(name)
+        return S3Upload(self, name, size_hint)
+
+    def _create_multipart(self, key: str, meta: Mapping[str, str]) -> str:
+        r = self._call(f"{self.id}: starting upload {key}", "create_multipart_upload",
+                       write=True, Key=key, Metadata=_encode_meta(meta))
+        return str(r["UploadId"])
+
+    def _upload_part(self, key: str, upload_id: str, part: _Part) -> str:
+        r = self._call(f"{self.id}: {key} part {part.number}", "upload_part", write=True,
+                       Key=key, UploadId=upload_id, PartNumber=part.number, Body=part.body(),
+                       ContentLength=part.length, ContentMD5=part.content_md5())
+        etag = _etag(r.get("ETag"))
+        if not etag:
+            raise BackendError(f"{self.id}: {key} part {part.number}: no ETag in the response")
+        return etag
+
+    def _complete(self, key: str, upload_id: str, etags: Mapping[int, str], size: int) -> None:
+        parts = [{"PartNumber": n, "ETag": f'"{etags[n]}"'} for n in sorted(etags)]
+        if [p["PartNumber"] for p in parts] != list(range(1, len(parts) + 1)):
+            raise BackendError(f"{self.id}: {key}: parts missing at completion")
+        self._call(f"{self.id}: completing {key}", "complete_multipart_upload", write=True,
+                   Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+        head = self._call(f"{self.id}: {key}", "head_object", Key=key)
+        if int(head["ContentLength"]) != size:
+            raise BackendError(f"{self.id}: {key}: completed upload holds "
+                               f"{head['ContentLength']} bytes, {size} were sent")
+
+    def _abort_multipart(self, key: str, upload_id: str) -> None:
+        try:
+            self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as e:
+            if _code(e)[1] != 404:  # type: ignore[arg-type]
+                log.warning("%s: could not abort upload of %s: %s", self.id, key,
+                            self._error(e, key))
+
+    def _delete_key_quietly(self, key: str) -> None:
+        try:
+            self.s3.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as e:
+            if _code(e)[1] != 404:  # type: ignore[arg-type]
+                log.warning("%s: could not delete %s: %s", self.id, key, self._error(e, key))
+
+    def _put_small(self, name: str, part: _Part, meta: Mapping[str, str]) -> ImageInfo:
+        key = self._key(name)
+        r = self._call(f"{self.id}/{name}", "put_object", write=True, Key=key, Body=part.body(),
+                       ContentLength=part.length, ContentMD5=part.content_md5(),
+                       Metadata=_encode_meta(meta))
+        part.release()
+        return self._check_published(name, _etag(r.get("ETag")), part.length)
+
+    def _check_published(self, name: str, etag: str, size: int) -> ImageInfo:
+        """HEAD what was just published, pinned to its ETag, and check its length."""
+        head = self._call(f"{self.id}/{name}", "head_object", Key=self._key(name),
+                          **({"IfMatch": f'"{etag}"'} if etag else {}))
+        info = self._info(name, head)
+        if info.size != size:
+            raise BackendError(f"{self.id}/{name}: holds {info.size} bytes, expected {size}")
+        return info
+
+    # ------------------------------------------------------------------ server-side copies
+    def _copy(self, src_key: str, dst_key: str, meta: Mapping[str, str], etag: str | None,
+              size: int) -> ImageInfo:
+        """Copy ``src_key`` to ``dst_key`` with ``meta`` replacing its metadata, atomically."""
+        name = dst_key[len(self.prefix):]
+        what = f"{self.id}: copy {src_key} -> {dst_key}"
+        source = {"Bucket": self.bucket, "Key": src_key}
+        cond = {"CopySourceIfMatch": f'"{etag}"'} if etag else {}
+        if size <= self.copy_threshold:
+            r = self._call(what, "copy_object", write=True, Key=dst_key, CopySource=source,
+                           MetadataDirective="REPLACE", Metadata=_encode_meta(meta), **cond)
+            new = _etag((r.get("CopyObjectResult") or {}).get("ETag"))
+            return self._check_published(name, new, size)
+        upload_id = self._create_multipart(dst_key, meta)
+        try:
+            step = max(self.copy_threshold, -(-size // 9000))
+            ranges = [(i + 1, off, min(size, off + step) - 1)
+                      for i, off in enumerate(range(0, size, step))]
+
+            def copy_part(n: int, first: int, last: int) -> dict[str, Any]:
+                r = self._call(f"{what} part {n}", "upload_part_copy", write=True, Key=dst_key,
+                               UploadId=upload_id, PartNumber=n, CopySource=source,
+                               CopySourceRange=f"bytes={first}-{last}", **cond)
+                return {"PartNumber": n, "ETag": (r.get("CopyPartResult") or {})["ETag"]}
+
+            with concurrent.futures.ThreadPoolExecutor(self.upload_concurrency) as pool:
+                parts = list(pool.map(lambda a: copy_part(*a), ranges))
+            r = self._call(what, "complete_multipart_upload", write=True, Key=dst_key,
+                           UploadId=upload_id, MultipartUpload={"Parts": parts})
+        except BaseException:
+            self._abort_multipart(dst_key, upload_id)
+            raise
+        return self._check_published(name, _etag(r.get("ETag")), size)
+
+    def rename(self, old: str, new: str) -> ImageInfo:
+        self._writable()
+        check_name(new)
+        src = self.stat(old)
+        info = self._copy(self._key(old), self._key(new), src.meta, src.version, src.size)
+        self._call(f"{self.id}/{old}", "delete_object", write=True, Key=self._key(old))
+        return ImageInfo(name=new, size=info.size, mtime=info.mtime, mode=info.mode,
+                         version=info.version, meta=info.meta)
+
+    def delete(self, name: str) -> None:
+        self._writable()
+        self.stat(name)  # S3 deletes of missing keys succeed; ENOENT must still be ENOENT
+        self._call(f"{self.id}/{name}", "delete_object", write=True, Key=self._key(name))
+
+    def set_meta(self, name: str, meta: Mapping[str, str]) -> ImageInfo:
+        """S3 metadata is fixed at creation: replace it by copying the object onto itself."""
+        self._writable()
+        cur = self.stat(name)
+        merged = {**cur.meta, **meta}
+        if META_MODE in merged:
+            merged[META_MODE] = f"{int(merged[META_MODE], 8) & 0o7777:o}"
+        return self._copy(self._key(name), self._key(name), merged, cur.version, cur.size)
+
+    # ------------------------------------------------------------------ leftovers
+    def cleanup_leftovers(self) -> int:
+        """Abort uploads and delete hidden objects whose owner is gone (see module doc)."""
+        if self.read_only:
+            return 0
+        removed = 0
+        now = time.time()
+        tag = self.prefix + UPLOAD_TAG
+
+        def condemned(key: str, when: Any) -> bool:
+            state = owner_state(key[len(tag):])
+            if state == "dead":
+                return True
+            age = now - when.timestamp() if when is not None else 0.0
+            return state == "elsewhere" and age > self.options["leftover_age"]
+
+        pages = self.s3.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=tag)
+        try:
+            for page in pages:
+                for up in page.get("Uploads") or ():
+                    if condemned(up["Key"], up.get("Initiated")):
+                        self._abort_multipart(up["Key"], up["UploadId"])
+                        removed += 1
+        except Exception as e:
+            raise self._error(e, f"store {self.id}: listing uploads") from None
+        for entry in self._names(tag):
+            if condemned(entry["Key"], entry.get("LastModified")):
+                self._delete_key_quietly(entry["Key"])
+                removed += 1
+        return removed
+
+    # ------------------------------------------------------------------ discovery
+    def location(self, name: str) -> str:
+        """Glance's s3 store form: ``s3://host/bucket/key`` (``s3+http`` for plain HTTP)."""
+        url = self.options.get("endpoint_url")
+        if url:
+            parts = urlsplit(url)
+            scheme = "s3+http" if parts.scheme == "http" else "s3"
+            host = parts.netloc.rsplit("@", 1)[-1] + parts.path.rstrip("/")
+        else:
+            scheme, host = "s3", "s3.amazonaws.com"
+        return f"{scheme}://{host}/{self.bucket}/{quote(self._key(name))}"
+
+    def properties(self) -> dict[str, str]:
+        props = {"bucket": self.bucket, "prefix": self.prefix}
+        if self.options.get("endpoint_url"):
+            props["endpoint_url"] = self.options["endpoint_url"]
+        if self.options.get("region"):
+            props["region"] = self.options["region"]
+        return props
+
+    def usage(self) -> tuple[int, int] | None:
+        count = total = 0
+        for entry in self._names(self.prefix):
+            if not is_hidden(entry["Key"][len(self.prefix):]):
+                count += 1
+                total += int(entry.get("Size") or 0)
+        return count, total
+
