@@ -24,11 +24,14 @@ class Catalog:
     def _fresh(self, at: float) -> bool:
         return time.monotonic() - at < self.ttl
 
-    async def stat(self, name: str) -> ImageInfo:
+    async def stat(self, name: str, fresh: bool = False) -> ImageInfo:
+        """``fresh`` asks the backend even within the TTL: an open must pin the version the
+        backend holds now, or a replaced image would fail its first read."""
         hit = self._entries.get(name)
-        if hit is not None and self._fresh(hit[1]):
+        if not fresh and hit is not None and self._fresh(hit[1]):
             return hit[0]
-        if self._listing is not None and self._fresh(self._listed_at) and hit is None:
+        if (not fresh and self._listing is not None and self._fresh(self._listed_at)
+                and hit is None):
             raise NotFound(name)
         try:
             info = await bridge.call(self.store, self.store.stat, name)

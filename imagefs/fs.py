@@ -464,7 +464,7 @@ class ImageFS(pyfuse3.Operations):
             # Readers see the published version, even while someone writes a new one.
             if node.name is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            info = await self.catalogs[store.id].stat(node.name)
+            info = await self.catalogs[store.id].stat(node.name, fresh=True)
             assert self.source is not None
             reader = Reader(self.source, store, info, self.settings.readahead)
             keep = node.cached_version == info.version
@@ -531,7 +531,12 @@ class ImageFS(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
         if h.reader is not None:
-            return await h.reader.read(off, size)
+            try:
+                return await h.reader.read(off, size)
+            except Changed:
+                if h.node.name is not None:  # the next stat or open asks the backend again
+                    self.catalogs[h.store.id].forget(h.node.name)
+                raise
         assert h.writer is not None
         return await h.writer.read(off, size)
 
