@@ -106,10 +106,6 @@ def _decode_meta(meta: Mapping[str, str]) -> dict[str, str]:
     return {k.lower().replace("-", "_"): v for k, v in meta.items()}
 
 
-def _md5_b64(data: bytes | memoryview) -> str:
-    return base64.b64encode(hashlib.md5(data).digest()).decode()
-
-
 def _part_size_for(base: int, number: int) -> int:
     """Size of part ``number`` (1-based): doubling every tier keeps 10,000 parts enough."""
     return min(MAX_PART, base << ((number - 1) // PARTS_PER_TIER))
@@ -124,7 +120,6 @@ class _Part:
         self.length = 0
         self._mem: bytearray | None = bytearray() if in_memory else None
         self._file: IO[bytes] | None = None if in_memory else tempfile.TemporaryFile()
-        self._md5 = hashlib.md5()
 
     def add(self, data: memoryview) -> int:
         """Append what fits; returns how many bytes were taken."""
@@ -134,7 +129,6 @@ class _Part:
         else:
             assert self._file is not None
             self._file.write(take)
-        self._md5.update(take)
         self.length += len(take)
         return len(take)
 
@@ -150,7 +144,16 @@ class _Part:
         return self._file
 
     def content_md5(self) -> str:
-        return base64.b64encode(self._md5.digest()).decode()
+        """Computed in the uploading thread, so parts hash in parallel, not in the writer's."""
+        md5 = hashlib.md5()
+        if self._mem is not None:
+            md5.update(self._mem)
+        else:
+            assert self._file is not None
+            self._file.seek(0)
+            while chunk := self._file.read(4 * MiB):
+                md5.update(chunk)
+        return base64.b64encode(md5.digest()).decode()
 
     def release(self) -> None:
         self._mem = None
@@ -566,9 +569,10 @@ class S3Store(Store):
         return str(r["UploadId"])
 
     def _upload_part(self, key: str, upload_id: str, part: _Part) -> str:
+        md5 = part.content_md5()
         r = self._call(f"{self.id}: {key} part {part.number}", "upload_part", write=True,
                        Key=key, UploadId=upload_id, PartNumber=part.number, Body=part.body(),
-                       ContentLength=part.length, ContentMD5=part.content_md5())
+                       ContentLength=part.length, ContentMD5=md5)
         etag = _etag(r.get("ETag"))
         if not etag:
             raise BackendError(f"{self.id}: {key} part {part.number}: no ETag in the response")
@@ -602,9 +606,9 @@ class S3Store(Store):
 
     def _put_small(self, name: str, part: _Part, meta: Mapping[str, str]) -> ImageInfo:
         key = self._key(name)
+        md5 = part.content_md5()
         r = self._call(f"{self.id}/{name}", "put_object", write=True, Key=key, Body=part.body(),
-                       ContentLength=part.length, ContentMD5=part.content_md5(),
-                       Metadata=_encode_meta(meta))
+                       ContentLength=part.length, ContentMD5=md5, Metadata=_encode_meta(meta))
         part.release()
         return self._check_published(name, _etag(r.get("ETag")), part.length)
 
