@@ -1,0 +1,408 @@
+"""The rbd store against the harness's two real Ceph clusters.
+
+cp/rsync/dd/qemu-img/fio through a mount already run on kind "rbd" in test_common.py; this file
+covers what is RBD's own: two clusters (and two pools of one cluster) in one mount, interchange
+with the ``rbd`` CLI both ways, the Glance layout (protected ``snap``, location, EBUSY with
+clones), sparseness as RBD counts it (``rbd du``), replacement under an open reader, crash
+leftovers and an unreachable cluster. Everything is checked from outside imagefs with the
+``rbd``/``ceph`` CLIs or librbd.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imagefs import config as config_mod
+from imagefs.stores import build
+from imagefs.stores.base import BackendError, Changed, Store
+from tests.backends.fixtures import rados_connection, unique_name
+from tests.integration.test_common import make_file, sh, sha256
+from tests.kinds.rbd import rbd_table
+from tests.mounting import IMAGEFS, Mount, tool
+
+MiB = 1 << 20
+
+
+# ------------------------------------------------------------------------------- helpers
+def rbd(table: dict[str, Any], *args: str | Path, check: bool = True
+        ) -> subprocess.CompletedProcess[str]:
+    """The real ``rbd`` CLI on the table's cluster and pool (``-p`` before the subcommand)."""
+    tool("rbd")
+    return sh("rbd", "-c", table["conf"], "--keyring", table["keyring"], "--id", table["user"],
+              "-p", table["pool"], *args, check=check)
+
+
+def rbd_json(table: dict[str, Any], *args: str) -> Any:
+    out = rbd(table, *args, "--format", "json").stdout
+    return json.loads(out) if out.strip() else {}  # `image-meta list` prints nothing if empty
+
+
+def listed(table: dict[str, Any]) -> list[str]:
+    """Every image in the pool, hidden ones included (imagefs hides them, rbd does not)."""
+    return rbd_json(table, "ls")
+
+
+def used_bytes(table: dict[str, Any], name: str) -> int:
+    (img,) = [i for i in rbd_json(table, "du", name)["images"] if i["name"] == name]
+    return int(img["used_size"])
+
+
+def daemon_pid(m: Mount) -> int:
+    out = subprocess.run(["pgrep", "-f", f"imagefs mount {m.config}"], capture_output=True,
+                         text=True).stdout.split()
+    assert out, "daemon not found"
+    return int(out[0])
+
+
+def open_store(table: dict[str, Any], tmp_path: Path, sid: str = "r") -> Store:
+    """The store itself, built from the same table a mount would use, connected."""
+    cfg = config_mod.parse({"stores": {sid: table}}, tmp_path / "direct.toml")
+    store = build(cfg.stores[0])
+    store.open()
+    return store
+
+
+@pytest.fixture
+def extra_pool(ceph: Any) -> Iterator[str]:
+    """A second pool on ``ceph`` (the first comes from ``rbd_pool``), removed afterwards."""
+    import rbd as librbd
+
+    pool = unique_name()
+    with rados_connection(ceph) as cluster:
+        cluster.create_pool(pool)
+        with cluster.open_ioctx(pool) as ioctx:
+            librbd.RBD().pool_init(ioctx, True)
+    yield pool
+    with rados_connection(ceph) as cluster:
+        if cluster.pool_exists(pool):
+            cluster.delete_pool(pool)
+
+
+# ------------------------------------------------------------------------------- clusters
+def test_two_clusters_and_two_pools_in_one_mount(
+        mount_factory: Any, ceph: Any, ceph2: Any, rbd_store_table: dict[str, Any],
+        rbd2_store_table: dict[str, Any], extra_pool: str, tmp_path: Path) -> None:
+    assert ceph.fsid != ceph2.fsid
+    other_pool = rbd_table(ceph, extra_pool)
+    m = mount_factory({"one": rbd_store_table, "two": rbd2_store_table, "pool2": other_pool})
+    src = tmp_path / "src.raw"
+    digest = make_file(src, 13 * MiB + 777, "clusters")
+    sh("cp", src, m.path("one", "img.raw"))
+    sh("cp", m.path("one", "img.raw"), m.path("two", "img.raw"))  # cluster → other cluster
+    sh("cp", m.path("two", "img.raw"), m.path("pool2", "img.raw"))  # and back, other pool
+    for sid in ("one", "two", "pool2"):
+        assert sha256(m.path(sid, "img.raw")) == digest
+    # seen from each cluster itself: the image is really there, with the right bytes
+    for table in (rbd_store_table, rbd2_store_table, other_pool):
+        out = tmp_path / f"export-{table['pool']}.raw"
+        rbd(table, "export", "img.raw", out)
+        assert sha256(out) == digest
+        out.unlink()
+    locations = {sid: os.getxattr(m.path(sid, "img.raw"), "user.imagefs.location").decode()
+                 for sid in ("one", "two", "pool2")}
+    assert locations == {
+        "one": f"rbd://{ceph.fsid}/{rbd_store_table['pool']}/img.raw",
+        "two": f"rbd://{ceph2.fsid}/{rbd2_store_table['pool']}/img.raw",
+        "pool2": f"rbd://{ceph.fsid}/{extra_pool}/img.raw",
+    }
+
+
+# ------------------------------------------------------------------------------- interchange
+def test_image_written_through_imagefs_is_an_ordinary_rbd_image(
+        mount_factory: Any, rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    m = mount_factory({"r": rbd_store_table})
+    src = tmp_path / "w.raw"
+    digest = make_file(src, 9 * MiB + 4321, "written")
+    sh("cp", src, m.path("r", "w.raw"))
+    os.chmod(m.path("r", "w.raw"), 0o600)
+    os.utime(m.path("r", "w.raw"), (1_600_000_000, 1_600_000_000))
+    assert listed(rbd_store_table) == ["w.raw"], "upload images left behind or wrong name"
+    info = rbd_json(rbd_store_table, "info", "w.raw")
+    assert info["size"] == 9 * MiB + 4321
+    out = tmp_path / "exported.raw"
+    rbd(rbd_store_table, "export", "w.raw", out)
+    assert sha256(out) == digest
+    meta = rbd_json(rbd_store_table, "image-meta", "list", "w.raw")
+    assert meta["imagefs.mode"] == "600" and float(meta["imagefs.mtime"]) == 1_600_000_000
+    assert meta["imagefs.os_hash_algo"] == "sha512"
+    assert meta["imagefs.os_hash_value"] == sh("sha512sum", src).stdout.split()[0]
+    # librbd reads the same bytes at an odd offset
+    import rados
+    import rbd as librbd
+
+    cluster = rados.Rados(conffile=rbd_store_table["conf"], rados_id=rbd_store_table["user"],
+                          conf={"keyring": rbd_store_table["keyring"]})
+    cluster.connect(timeout=30)
+    try:
+        with cluster.open_ioctx(rbd_store_table["pool"]) as ioctx, \
+                librbd.Image(ioctx, "w.raw", read_only=True) as image:
+            assert image.read(5 * MiB + 3, 70000) == src.read_bytes()[5 * MiB + 3:
+                                                                      5 * MiB + 70003]
+    finally:
+        cluster.shutdown()
+
+
+def test_image_made_with_rbd_cli_reads_through_imagefs(
+        mount_factory: Any, rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    src = tmp_path / "cli.raw"
+    digest = make_file(src, 6 * MiB + 99, "cli")
+    rbd(rbd_store_table, "import", src, "cli.raw")
+    rbd(rbd_store_table, "create", "--size", "8M", "empty.raw")
+    m = mount_factory({"r": rbd_store_table})
+    assert sorted(os.listdir(m.path("r"))) == ["cli.raw", "empty.raw"]
+    st = os.stat(m.path("r", "cli.raw"))
+    assert st.st_size == 6 * MiB + 99 and st.st_mode & 0o777 == 0o644
+    assert sha256(m.path("r", "cli.raw")) == digest
+    assert m.path("r", "empty.raw").read_bytes() == bytes(8 * MiB)
+    # and an image the CLI made is replaced through imagefs like any other
+    m.path("r", "empty.raw").write_bytes(b"now full")
+    assert sorted(listed(rbd_store_table)) == ["cli.raw", "empty.raw"]
+    out = tmp_path / "e.raw"
+    rbd(rbd_store_table, "export", "empty.raw", out)
+    assert out.read_bytes() == b"now full"
+
+
+# ------------------------------------------------------------------------------- glance layout
+def test_glance_layout_snapshot_and_location(
+        mount_factory: Any, rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    tool("ceph")
+    table = {**rbd_store_table, "glance_layout": True}
+    m = mount_factory({"g": table})
+    src = tmp_path / "g.raw"
+    make_file(src, 5 * MiB, "glance")
+    sh("cp", src, m.path("g", "cirros.raw"))
+    snaps = rbd_json(table, "snap", "ls", "cirros.raw")
+    assert [s["name"] for s in snaps] == ["snap"]
+    assert rbd_json(table, "info", "cirros.raw@snap")["protected"] == "true"
+    fsid = sh("ceph", "-c", table["conf"], "--keyring", table["keyring"], "--id",
+              table["user"], "fsid").stdout.strip()
+    assert os.getxattr(m.path("g", "cirros.raw"), "user.imagefs.location").decode() == \
+        f"rbd://{fsid}/{table['pool']}/cirros.raw/snap"
+    # the snapshot holds the published bytes, as Glance/Nova will read them
+    out = tmp_path / "snap.raw"
+    rbd(table, "export", "cirros.raw@snap", out)
+    sh("cmp", src, out)
+    # rename keeps the snapshot; the location follows the name
+    os.rename(m.path("g", "cirros.raw"), m.path("g", "cirros2.raw"))
+    assert [s["name"] for s in rbd_json(table, "snap", "ls", "cirros2.raw")] == ["snap"]
+    assert os.getxattr(m.path("g", "cirros2.raw"), "user.imagefs.location").decode() == \
+        f"rbd://{fsid}/{table['pool']}/cirros2.raw/snap"
+    # delete unprotects and removes the snapshot first
+    m.path("g", "cirros2.raw").unlink()
+    assert listed(table) == []
+
+
+def test_image_with_clones_is_never_deleted_or_replaced(
+        mount_factory: Any, rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    table = {**rbd_store_table, "glance_layout": True}
+    m = mount_factory({"g": table})
+    p = m.path("g", "base.raw")
+    p.write_bytes(b"base" * 300_000)
+    pool = table["pool"]
+    rbd(table, "clone", f"{pool}/base.raw@snap", f"{pool}/vm-disk")
+    with pytest.raises(OSError) as e:
+        p.unlink()
+    assert e.value.errno == errno.EBUSY
+    with pytest.raises(OSError) as e:  # replacing it would orphan the clone just the same
+        p.write_bytes(b"other")
+    assert e.value.errno == errno.EBUSY
+    out = tmp_path / "base.raw"
+    rbd(table, "export", "base.raw", out)
+    assert out.read_bytes() == b"base" * 300_000
+    # The kernel sends RELEASE after close() returned, and fs.py tries to publish once more
+    # then: until that ends the mount shows the failed writer's size and its upload image
+    # exists. Wait for the release (ordering only, no timing claim).
+    deadline = time.monotonic() + 30
+    while os.stat(p).st_size != 1_200_000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert p.read_bytes() == b"base" * 300_000
+    assert sorted(listed(table)) == ["base.raw", "vm-disk"]
+    assert "has clones" in m.log_text()
+    # once the clone is gone the image goes, snapshot and all
+    rbd(table, "rm", "vm-disk")
+    p.unlink()
+    assert listed(table) == []
+
+
+# ------------------------------------------------------------------------------- sparseness
+def test_sparse_stays_sparse(mount_factory: Any, rbd_store_table: dict[str, Any],
+                             tmp_path: Path) -> None:
+    m = mount_factory({"r": rbd_store_table})
+    # zeros written into a fresh image allocate nothing
+    sh("dd", "if=/dev/zero", f"of={m.path('r', 'zeros.raw')}", "bs=4M", "count=32",
+       "status=none")
+    assert os.stat(m.path("r", "zeros.raw")).st_size == 128 * MiB
+    assert used_bytes(rbd_store_table, "zeros.raw") == 0
+    # a sparse raw file copied in allocates only the objects its data touches (4 MiB each)
+    src = tmp_path / "sparse.raw"
+    with open(src, "wb") as f:
+        f.truncate(256 * MiB)
+        for off in (0, 100 * MiB + 12345, 256 * MiB - 4096):
+            f.seek(off)
+            f.write(os.urandom(4096))
+    sh("cp", src, m.path("r", "sparse.raw"))
+    sh("cmp", src, m.path("r", "sparse.raw"))
+    assert used_bytes(rbd_store_table, "sparse.raw") <= 3 * 4 * MiB
+    # zeros written *below* data already there (random writes) allocate nothing either
+    with open(m.path("r", "mixed.raw"), "wb") as f:
+        f.seek(60 * MiB)
+        f.write(b"tail" * 1024)
+        f.seek(0)
+        for _ in range(10):
+            f.write(bytes(4 * MiB))
+    assert used_bytes(rbd_store_table, "mixed.raw") <= 4 * MiB
+    with open(m.path("r", "mixed.raw"), "rb") as f:
+        f.seek(60 * MiB)
+        assert f.read(4096) == b"tail" * 1024
+
+
+# ------------------------------------------------------------------------------- consistency
+def test_replaced_while_open_gives_old_bytes_or_eio(
+        mount_factory: Any, rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    m = mount_factory({"r": rbd_store_table}, cache={"readahead": "1MiB"})
+    old_src, new_src = tmp_path / "old.raw", tmp_path / "new.raw"
+    make_file(old_src, 64 * MiB, "old")
+    make_file(new_src, 64 * MiB, "new")
+    old, new = old_src.read_bytes(), new_src.read_bytes()
+    sh("cp", old_src, m.path("r", "v.raw"))
+    outcomes = []
+    with open(m.path("r", "v.raw"), "rb", buffering=0) as f:
+        assert f.read(65536) == old[:65536]
+        # replaced by another process, through the same mount
+        sh(sys.executable, "-c", "import shutil,sys; shutil.copyfile(sys.argv[1], sys.argv[2])",
+           new_src, m.path("r", "v.raw"))
+        for off in (8 * MiB, 40 * MiB + 4096, 63 * MiB):
+            try:
+                f.seek(off)
+                got = f.read(MiB)
+            except OSError as e:
+                assert e.errno == errno.EIO
+                outcomes.append("EIO")
+                continue
+            assert got == old[off:off + len(got)], f"bytes at {off} are not the old image's"
+            assert got != new[off:off + len(got)]
+            outcomes.append("old")
+    assert sha256(m.path("r", "v.raw")) == sha256(new_src)
+    assert listed(rbd_store_table) == ["v.raw"], "the old image was not removed"
+    print("reader outcomes after the replace:", outcomes)
+
+
+def test_store_reads_are_pinned_to_their_version(rbd_store_table: dict[str, Any],
+                                                 tmp_path: Path) -> None:
+    """At the store API: a replaced or deleted image raises Changed, never zeros or new bytes."""
+    store = open_store(rbd_store_table, tmp_path)
+    try:
+        up = store.upload("p.raw", None)
+        up.write(0, b"1" * (3 * MiB))
+        v1 = up.commit({})
+        assert store.read_range("p.raw", v1.version, MiB, 10) == b"1" * 10
+        assert store.read_range("p.raw", v1.version, 3 * MiB - 4, 100) == b"1" * 4  # short at end
+        assert store.read_range("p.raw", v1.version, 3 * MiB, 100) == b""
+        up = store.upload("p.raw", None)
+        up.write(0, b"2" * (3 * MiB))
+        v2 = up.commit({})
+        assert v2.version != v1.version
+        with pytest.raises(Changed):
+            store.read_range("p.raw", v1.version, MiB, 10)
+        assert store.read_range("p.raw", v2.version, MiB, 10) == b"2" * 10
+        store.delete("p.raw")
+        with pytest.raises(Changed):  # the cached handle would read zeros: must not
+            store.read_range("p.raw", v2.version, MiB, 10)
+        assert listed(rbd_store_table) == []
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------------------- crashes
+def test_killed_daemon_leftovers_removed_at_next_mount(
+        mount_factory: Any, rbd_store_table: dict[str, Any]) -> None:
+    m = mount_factory({"r": rbd_store_table})
+    m.path("r", "img.raw").write_bytes(b"published" * 1000)
+    pid = daemon_pid(m)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*300000); f.flush();"
+        "print('ready',flush=True); time.sleep(30)"), str(m.path("r", "img.raw"))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        holder.kill()
+        holder.wait()
+    names = listed(rbd_store_table)
+    assert "img.raw" in names and any(n.startswith(".imagefs-") for n in names), names
+    r = subprocess.run([*IMAGEFS, "mount", str(m.config), str(m.root), "-o", f"log={m.log}"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert listed(rbd_store_table) == ["img.raw"]
+    assert m.path("r", "img.raw").read_bytes() == b"published" * 1000
+
+
+def test_image_moved_aside_by_a_crashed_replace_is_restored(
+        mount_factory: Any, rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    """A crash between "rename old aside" and "rename new in" must not lose the old image."""
+    from imagefs.stores.rbd import RESTORE_KEY, _host
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    aside = f".imagefs-{_host()}-{gone.pid}-0-deadbeef-old"
+    src = tmp_path / "keep.raw"
+    digest = make_file(src, 2 * MiB, "keep")
+    rbd(rbd_store_table, "import", src, aside)
+    rbd(rbd_store_table, "image-meta", "set", aside, RESTORE_KEY, "keep.raw")
+    m = mount_factory({"r": rbd_store_table})
+    assert listed(rbd_store_table) == ["keep.raw"]
+    assert sha256(m.path("r", "keep.raw")) == digest
+    assert RESTORE_KEY not in rbd_json(rbd_store_table, "image-meta", "list", "keep.raw")
+
+
+def test_live_uploads_are_not_cleaned(rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    """cleanup_leftovers of a second store instance spares the uploads of a running process."""
+    a = open_store(rbd_store_table, tmp_path, "a")
+    b = open_store(rbd_store_table, tmp_path, "b")
+    try:
+        up = a.upload("live.raw", None)
+        up.write(0, b"x" * 4096)
+        assert b.cleanup_leftovers() == 0
+        assert up.commit({}).size == 4096
+        assert listed(rbd_store_table) == ["live.raw"]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_unreachable_cluster_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    conf = tmp_path / "dead.conf"
+    conf.write_text("[global]\nmon host = 127.0.0.1:1\nauth supported = none\n")
+    table = {"type": "rbd", "conf": str(conf), "pool": "rbd", "timeout": 3.0}
+    cfg = config_mod.parse({"stores": {"dead": table}}, tmp_path / "d.toml")
+    store = build(cfg.stores[0])
+    t0 = time.monotonic()
+    with pytest.raises(BackendError) as e:
+        store.open()
+    assert time.monotonic() - t0 < 60
+    assert "dead" in str(e.value)
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    for table, key in (({"type": "rbd", "pool": "p"}, "conf"),
+                       ({"type": "rbd", "conf": "/x"}, "pool"),
+                       ({"type": "rbd", "conf": "/x", "pool": "p", "namespace": "ns",
+                         "glance_layout": True}, "glance_layout")):
+        with pytest.raises(config_mod.ConfigError) as e:
+            config_mod.parse({"stores": {"r": table}}, tmp_path / "c.toml")
+        assert f"stores.r.{key}" in str(e.value)
