@@ -105,6 +105,14 @@ def unmount(m: Mount, timeout: float = 120) -> None:
             time.sleep(0.1)
 
 
+def daemon_pid(m: Mount) -> int:
+    """The pid of the daemon serving ``m`` (found by its command line)."""
+    out = subprocess.run(["pgrep", "-f", f"imagefs mount {m.config}"], capture_output=True,
+                         text=True).stdout.split()
+    assert out, "daemon not found"
+    return int(out[0])
+
+
 def tool(*names: str) -> None:
     """Fail clearly (CI) or skip (elsewhere) when a program the test drives is missing."""
     import pytest

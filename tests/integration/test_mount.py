@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_common import MiB, make_file, sh
-from tests.mounting import IMAGEFS, Mount, tool, unmount, write_config
+from tests.mounting import IMAGEFS, Mount, daemon_pid, tool, unmount, write_config
 
 
 def expect_errno(code: int, fn: Any, *args: Any) -> None:
@@ -193,13 +193,6 @@ def test_mount_failures_are_clear(tmp_path: Path, file_store_table: dict[str, An
     assert r.returncode == 1 and "not a directory" in r.stderr
 
 
-def _daemon_pid(m: Mount) -> int:
-    out = subprocess.run(["pgrep", "-f", f"imagefs mount {m.config}"], capture_output=True,
-                         text=True).stdout.split()
-    assert out, "daemon not found"
-    return int(out[0])
-
-
 def test_umount_waits_for_open_files(mount_factory: Any, file_store_table: dict[str, Any]
                                      ) -> None:
     m = mount_factory({"s": file_store_table})
@@ -221,7 +214,7 @@ def test_umount_waits_for_open_files(mount_factory: Any, file_store_table: dict[
 def test_sigterm_with_open_writer_publishes_nothing(mount_factory: Any,
                                                     file_store_table: dict[str, Any]) -> None:
     m = mount_factory({"s": file_store_table})
-    pid = _daemon_pid(m)
+    pid = daemon_pid(m)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'p'*100000); f.flush();"
         "print('ready',flush=True); time.sleep(30)"), str(m.path("s", "partial.raw"))],
@@ -259,7 +252,7 @@ def test_daemon_crash_keeps_published_image_and_remount_cleans(
     d = Path(file_store_table["path"])
     (d / "img.raw").write_bytes(b"published" * 1000)
     m = mount_factory({"s": file_store_table})
-    pid = _daemon_pid(m)
+    pid = daemon_pid(m)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*300000); f.flush();"
         "print('ready',flush=True); time.sleep(30)"), str(m.path("s", "img.raw"))],

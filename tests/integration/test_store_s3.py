@@ -25,14 +25,7 @@ import pytest
 from tests.backends.fixtures import empty_and_delete_bucket, s3_client, unique_name
 from tests.integration.test_common import MiB, make_file, sh
 from tests.kinds.s3 import s3_table
-from tests.mounting import IMAGEFS, Mount
-
-
-def _daemon_pid(m: Mount) -> int:
-    out = subprocess.run(["pgrep", "-f", f"imagefs mount {m.config}"], capture_output=True,
-                         text=True).stdout.split()
-    assert out, "daemon not found"
-    return int(out[0])
+from tests.mounting import IMAGEFS, daemon_pid
 
 
 def _hidden_state(s3: Any, bucket: str) -> tuple[list[str], list[str]]:
@@ -160,7 +153,7 @@ def test_multi_gib_streamed_upload_bounded_memory(mount_factory: Any, ceph: Any,
     table = s3_table(ceph, s3_bucket, tmp_path, part_size="16MiB", upload_memory="32MiB",
                      multipart_copy_threshold="512MiB")
     m = mount_factory({"s": table}, cache={"memory_size": "32MiB", "disk_size": "64MiB"})
-    pid = _daemon_pid(m)
+    pid = daemon_pid(m)
     gen = subprocess.Popen([sys.executable, "-c", _pattern_writer(size)],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     dd = subprocess.run(["dd", f"of={m.path('s', 'big.raw')}", "bs=4M", "iflag=fullblock",
@@ -184,7 +177,7 @@ def test_crash_leftovers_aborted_at_next_mount(mount_factory: Any, ceph: Any, s3
     table = s3_table(ceph, s3_bucket, tmp_path)
     m = mount_factory({"s": table})
     sh("cp", "/dev/null", m.path("s", "kept.raw"))
-    pid = _daemon_pid(m)
+    pid = daemon_pid(m)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*(24<<20)); f.flush();"
         "print('ready',flush=True); time.sleep(60)"), str(m.path("s", "new.raw"))],
