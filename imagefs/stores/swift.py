@@ -1,0 +1,1178 @@
+"""``type = "swift"``: images are objects in one OpenStack Swift container (or RGW's Swift API).
+
+Layout
+    An image is a plain object (small images: one PUT at commit) or a Static Large Object whose
+    segments live in ``segment_container`` (default ``<container>_segments``) under
+    ``<name>/<upload-id>/<NNNNNNNN>``; ``<name>`` is the image name with every character outside
+    ``[A-Za-z0-9._-]`` replaced by ``_`` (RGW URL-decodes segment paths in SLO deletes, so a '%'
+    in a segment name would orphan it) and an ``x`` in front of a leading ``_`` (RGW does not
+    find SLO segments named ``_...``); the upload id is ``<host>_<pid>_<starttime>_<random>``.
+    The manifest records its segment group (``<name>/<upload-id>``) in
+    ``X-Object-Meta-Imagefs-Segments``; copies (rename) keep it, so every imagefs operation can
+    find an image's segments without reading the manifest (RGW cannot return SLO manifests).
+    mtime, mode and Glance's hashes are ``X-Object-Meta-*`` headers.
+
+Uploads
+    Writes arrive in order (no ``random_write``: ``writer.py`` spools otherwise). The first
+    ``min(segment_size, 16 MiB)`` are buffered; an image that ends there is one plain PUT at
+    commit. Past that, each segment is one chunked PUT fed through a small bounded queue while the
+    writer goes on, so memory per upload stays at a few chunks whatever ``segment_size`` is; up to
+    ``upload_concurrency`` segment PUTs are in flight. A segment whose writer stalls is closed
+    early (the next bytes start a new segment) so the proxy never times the PUT out. Segment PUTs
+    use ``http.client`` with a socket timeout, because requests (under swiftclient) applies no
+    timeout to chunked uploads: a dead proxy must end in an error, never a hang. The SLO
+    manifest is PUT at commit: the only moment the image appears.
+
+Leftovers
+    Before an operation can orphan segments (an upload's first segment, replacing or deleting an
+    SLO) it writes a marker ``.imagefs-pending/<upload-id>`` in the segment container, naming the
+    image and the segment groups at stake; it is removed when the operation ends. At mount, a
+    marker whose writer is gone (same host and its pid/start time no longer runs, or another host
+    and older than ``leftover_age``) has its groups deleted unless a manifest references them.
+
+Versions and reads
+    ``version`` is the ETag HEAD returns: an object's md5, or for an SLO the md5 of its segments'
+    ETags (Swift's listing has the same value as ``slo_etag``). Ranged GETs send ``If-Match`` and
+    also check the response's ETag, Content-Range and length. RGW evaluates If-Match on an SLO
+    against the manifest object itself, so a correct If-Match fails with 412; on a 412 the store
+    HEADs, and if the image is in fact unchanged it stops sending If-Match (logged once) and
+    relies on the response ETag check, which is as atomic: headers and body come from one version.
+
+Listing
+    A container listing has no user metadata (and on RGW no SLO sizes), so ``list()`` HEADs each
+    entry, in parallel, and remembers the result keyed by the listing's (hash, last_modified,
+    bytes). A metadata POST changes ``last_modified`` in the listing (Swift and RGW both), so the
+    key is an exact change detector: after the first listing only changed entries cost a HEAD.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import email.utils
+import hashlib
+import http.client
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from imagefs.config import Option
+from imagefs.stores.base import (
+    HIDDEN_PREFIX,
+    BackendError,
+    Changed,
+    ImageInfo,
+    InvalidName,
+    NoSpace,
+    NotFound,
+    OptionError,
+    ReadOnly,
+    Store,
+    StoreError,
+    Upload,
+    check_name,
+    is_hidden,
+    meta_mode,
+    meta_mtime,
+    user_meta,
+)
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+#: Marker objects in the segment container: ``.imagefs-pending/<upload-id>``.
+PENDING_PREFIX = HIDDEN_PREFIX + "pending/"
+#: The manifest header naming its segment group (``<safe name>/<upload-id>``).
+SEGMENTS_META = "imagefs_segments"
+_META = "x-object-meta-"
+#: Largest image kept in memory and sent as one plain PUT.
+SMALL_LIMIT = 16 * MiB
+#: Chunks waiting per segment PUT (each at most what one write() passed, 4 MiB from writer.py).
+QUEUE_DEPTH = 4
+LIST_PAGE = 1000
+_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_END = object()
+_ABORT = object()
+
+
+def _env(*names: str) -> str | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v:
+            return v
+    return None
+
+
+def _auth_version(options: Mapping[str, Any]) -> str:
+    """Config, else the environment as the swift CLI reads it, else "1"."""
+    v = options.get("auth_version") or _env("ST_AUTH_VERSION", "OS_AUTH_VERSION",
+                                            "OS_IDENTITY_API_VERSION")
+    if v is None:
+        v = "3" if _env("OS_AUTH_URL") and not _env("ST_AUTH") else "1"
+    return {"1.0": "1", "3.0": "3", "v3": "3"}.get(v, v)
+
+
+def _resolved(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Auth settings with the OS_* / ST_* environment filling what the config leaves out."""
+    v = _auth_version(options)
+    v1 = v == "1"
+    return {
+        "auth_version": v,
+        "auth_url": options.get("auth_url") or (_env("ST_AUTH", "OS_AUTH_URL") if v1
+                                                else _env("OS_AUTH_URL", "ST_AUTH")),
+        "user": options.get("user") or (_env("ST_USER", "OS_USERNAME") if v1
+                                        else _env("OS_USERNAME", "ST_USER")),
+        "key_file": options.get("key_file"),
+        "key_env": _env("ST_KEY", "OS_PASSWORD") if v1 else _env("OS_PASSWORD", "ST_KEY"),
+        "project_name": options.get("project_name") or _env("OS_PROJECT_NAME",
+                                                            "OS_TENANT_NAME"),
+        "user_domain_name": options.get("user_domain_name") or _env("OS_USER_DOMAIN_NAME"),
+        "project_domain_name": (options.get("project_domain_name")
+                                or _env("OS_PROJECT_DOMAIN_NAME")),
+        "region_name": options.get("region_name") or _env("OS_REGION_NAME"),
+    }
+
+
+def _host() -> str:
+    return _UNSAFE.sub("-", socket.gethostname())[:63].strip("-") or "host"
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot): with the pid, it identifies a process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return fields[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _new_upload_id() -> str:
+    pid = os.getpid()
+    return f"{_host()}_{pid}_{_start_time(pid) or 0}_{secrets.token_hex(4)}"
+
+
+def _owner_state(upload_id: str) -> str:
+    """"alive", "dead" (this host, process gone) or "elsewhere" (another host: unknowable)."""
+    try:
+        host, pid, start, _rand = upload_id.rsplit("_", 3)
+    except ValueError:
+        return "elsewhere"
+    if host != _host() or not pid.isdigit():
+        return "elsewhere"
+    return "alive" if _start_time(int(pid)) == start else "dead"
+
+
+def _safe_name(name: str) -> str:
+    """The image's part of its segment names: ASCII only, never starting with '_'.
+
+    RGW (16.2) cannot resolve SLO segments whose name starts with '_' (it escapes such names
+    in its bucket index): the manifest PUT succeeds, then every HEAD/GET of the image is 404.
+    """
+    safe = _UNSAFE.sub("_", name)[:64]
+    return safe if safe and not safe.startswith("_") else "x" + safe
+
+
+def _http_date(value: str | None) -> float:
+    if not value:
+        return 0.0
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _meta_headers(meta: Mapping[str, str]) -> dict[str, str]:
+    """``os_hash_algo`` → ``X-Object-Meta-Os-Hash-Algo`` (servers turn '_' into '-' anyway)."""
+    return {"X-Object-Meta-" + k.replace("_", "-"): v for k, v in meta.items()}
+
+
+#: User-metadata names servers use themselves (RGW shows its SLO flag as one).
+_SERVER_META = frozenset({"static_large_object"})
+
+
+def _meta_of(headers: Mapping[str, str]) -> dict[str, str]:
+    meta = {k[len(_META):].replace("-", "_"): v for k, v in headers.items()
+            if k.startswith(_META)}
+    return {k: v for k, v in meta.items() if k not in _SERVER_META}
+
+
+class _Segment:
+    """One segment PUT, fed by the writer through a bounded queue, sent by a pool thread."""
+
+    def __init__(self, index: int, obj: str, target: int) -> None:
+        self.index = index
+        self.obj = obj
+        self.target = target  # bytes this segment takes before the next one starts
+        self.fed = 0  # bytes handed to the queue
+        self.sent = 0  # bytes the PUT has sent
+        self.md5 = hashlib.md5(usedforsecurity=False)
+        self.q: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_DEPTH)
+        self.lock = threading.Lock()
+        self.closed = False  # no more bytes go into this segment
+        self.aborted = False
+        self.etag = ""
+        self.future: concurrent.futures.Future[None] | None = None
+
+    def chunks(self, idle: float) -> Iterator[Any]:
+        """The PUT body. Ends at _END, or early when the writer pauses for ``idle`` seconds."""
+        while True:
+            try:
+                item = self.q.get(timeout=idle)
+            except queue.Empty:
+                with self.lock:
+                    if self.q.empty():
+                        self.closed = True  # the writer starts a new segment for what follows
+                        return
+                continue
+            if item is _END:
+                return
+            if item is _ABORT or self.aborted:
+                raise BackendError("segment upload aborted")
+            self.md5.update(item)
+            self.sent += len(item)
+            yield item
+
+
+class SwiftUpload(Upload):
+    def __init__(self, store: SwiftStore, name: str, size_hint: int | None) -> None:
+        self.store = store
+        self.name = name
+        self.uid = _new_upload_id()
+        self.group = f"{_safe_name(name)}/{self.uid}"
+        self.size = 0
+        self.small: list[bytes] | None = []
+        self.small_limit = min(store.segment_size, SMALL_LIMIT)
+        self.segments: list[_Segment] = []
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.marker = False
+        self.published = False
+        self.finished = False
+        self.error: BaseException | None = None
+        if size_hint is not None and size_hint > self.small_limit:
+            self._start_streaming()
+
+    def _what(self) -> str:
+        return f"{self.store.id}/{self.name}"
+
+    # ------------------------------------------------------------------ writing
+    def write(self, offset: int, data: bytes) -> None:
+        if self.finished:
+            raise BackendError(f"{self._what()}: upload already finished")
+        if offset != self.size:
+            raise BackendError(f"{self._what()}: write at {offset}, expected {self.size} "
+                               f"(swift uploads are sequential)")
+        if not data:
+            return
+        self._check_failed()
+        if self.small is not None:
+            if self.size + len(data) <= self.small_limit:
+                self.small.append(bytes(data))
+                self.size += len(data)
+                return
+            self._start_streaming()
+        self._feed(memoryview(data))
+        self.size += len(data)
+
+    def _start_streaming(self) -> None:
+        """Write the pending marker, then move the buffered bytes into the first segment."""
+        buffered, self.small = self.small or [], None
+        self.store._put_marker(self.uid, {"op": "upload", "image": self.name,
+                                          "groups": [self.group]})
+        self.marker = True
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.store.upload_concurrency,
+            thread_name_prefix=f"swift-up-{self.store.id}")
+        for chunk in buffered:
+            self._feed(memoryview(chunk))
+
+    def _check_failed(self) -> None:
+        if self.error is not None:
+            raise BackendError(f"{self._what()}: segment upload failed: {self.error}")
+        for seg in self.segments:
+            f = seg.future
+            if f is not None and f.done() and f.exception() is not None:
+                self.error = f.exception()
+                raise BackendError(f"{self._what()}: segment {seg.index} upload failed: "
+                                   f"{self.error}")
+
+    def _new_segment(self) -> _Segment:
+        index = len(self.segments)
+        if index >= self.store.max_segments:
+            raise NoSpace(f"{self._what()}: more than {self.store.max_segments} segments "
+                          f"(the server's limit); raise segment_size")
+        seg = _Segment(index, f"{self.group}/{index:08d}", self.store._segment_target(index))
+        assert self.pool is not None
+        seg.future = self.pool.submit(self.store._send_segment, seg)
+        self.segments.append(seg)
+        return seg
+
+    def _feed(self, view: memoryview) -> None:
+        while view:
+            seg = self.segments[-1] if self.segments else None
+            if seg is None or seg.fed >= seg.target or seg.closed:
+                if seg is not None:
+                    self._put(seg, _END)
+                seg = self._new_segment()
+            n = min(len(view), seg.target - seg.fed)
+            if not self._put(seg, view[:n]):
+                continue  # the segment was closed while idle: the bytes go to the next one
+            seg.fed += n
+            view = view[n:]
+
+    def _put(self, seg: _Segment, item: Any) -> bool:
+        """Queue ``item`` for ``seg``; False if the segment closed itself first (idle)."""
+        deadline = time.monotonic() + self.store.timeout
+        while True:
+            with seg.lock:
+                if seg.closed:
+                    return False
+                try:
+                    seg.q.put_nowait(item)
+                    if item is _END:
+                        seg.closed = True
+                    return True
+                except queue.Full:
+                    pass
+            f = seg.future
+            if f is not None and f.done():
+                self._check_failed()
+                raise BackendError(f"{self._what()}: segment {seg.index} upload ended early")
+            if time.monotonic() > deadline:
+                raise BackendError(f"{self._what()}: segment {seg.index} upload made no "
+                                   f"progress for {self.store.timeout:g}s", retryable=True)
+            time.sleep(0.005)
+
+    def _finish_segments(self) -> None:
+        if self.segments:
+            self._put(self.segments[-1], _END)
+        for seg in self.segments:
+            assert seg.future is not None
+            try:
+                seg.future.result(timeout=self.store.timeout)
+            except concurrent.futures.TimeoutError:
+                raise BackendError(f"{self._what()}: segment {seg.index} upload did not finish "
+                                   f"within {self.store.timeout:g}s", retryable=True) from None
+            except StoreError:
+                raise
+            except Exception as e:
+                raise BackendError(f"{self._what()}: segment {seg.index}: {e}") from None
+        sent = sum(s.sent for s in self.segments)
+        if sent != self.size:
+            raise BackendError(f"{self._what()}: segments hold {sent} bytes, wrote {self.size}")
+
+    # ------------------------------------------------------------------ publishing
+    def commit(self, meta: Mapping[str, str]) -> ImageInfo:
+        if self.finished:
+            raise BackendError(f"{self._what()}: upload already finished")
+        st = self.store
+        headers = _meta_headers({k: v for k, v in user_meta(meta).items()
+                                 if not k.startswith("imagefs_")})
+        old_group: str | None = None
+        replace_uid: str | None = None
+        try:
+            self._check_failed()
+            old_group = st._group_of_existing(self.name)
+            if old_group is not None and old_group != self.group:
+                replace_uid = _new_upload_id()
+                st._put_marker(replace_uid, {"op": "replace", "image": self.name,
+                                             "groups": [old_group]})
+            if self.small is not None:
+                info = self._commit_plain(headers)
+            else:
+                info = self._commit_slo(headers)
+        except BaseException:
+            if not self.published:
+                self.abort()
+                if replace_uid is not None:  # nothing was replaced after all
+                    st._delete_quietly(st.segment_container, PENDING_PREFIX + replace_uid)
+            else:
+                self._after_publish(old_group, replace_uid)
+            raise
+        self._after_publish(old_group, replace_uid)
+        return info
+
+    def _after_publish(self, old_group: str | None, replace_uid: str | None) -> None:
+        """The image is published: drop the markers and the replaced image's segments."""
+        self.finished = True
+        st = self.store
+        st._forget(self.name)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+        try:
+            if self.marker:
+                st._delete_quietly(st.segment_container, PENDING_PREFIX + self.uid)
+            if replace_uid is not None and old_group is not None:
+                st._delete_group(old_group)
+                st._delete_quietly(st.segment_container, PENDING_PREFIX + replace_uid)
+        except StoreError as e:  # the next mount's clean-up finishes the job
+            log.warning("%s: clean-up after publishing: %s", self._what(), e)
+
+    def _commit_plain(self, headers: dict[str, str]) -> ImageInfo:
+        st = self.store
+        body = b"".join(self.small or [])
+        etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
+        got = st._call(f"{self.name}: PUT", "put_object", st.container, self.name, body,
+                       content_length=len(body), etag=etag,
+                       content_type="application/octet-stream", headers=headers, write=True)
+        self.published = True
+        return self._verify(etag if not got else got.strip('"'), len(body), slo=False)
+
+    def _commit_slo(self, headers: dict[str, str]) -> ImageInfo:
+        st = self.store
+        self._finish_segments()
+        manifest = [{"path": f"/{st.segment_container}/{s.obj}", "etag": s.etag,
+                     "size_bytes": s.sent} for s in self.segments]
+        slo_etag = hashlib.md5("".join(s.etag for s in self.segments).encode(),
+                               usedforsecurity=False).hexdigest()
+        headers = {**headers, "X-Object-Meta-Imagefs-Segments": self.group}
+        try:
+            got = st._call(f"{self.name}: PUT manifest", "put_object", st.container, self.name,
+                           json.dumps(manifest).encode(), content_type="application/octet-stream",
+                           headers=headers, query_string="multipart-manifest=put", write=True)
+        except NotFound as e:  # RGW: a segment is missing. Not ENOENT for the image's writer.
+            raise BackendError(f"{e} (a segment is missing)") from None
+        self.published = True
+        if got and got.strip('"') != slo_etag:
+            log.warning("%s: manifest ETag %s, expected %s", self._what(), got, slo_etag)
+        return self._verify(slo_etag, self.size, slo=True)
+
+    def _verify(self, etag: str, size: int, slo: bool) -> ImageInfo:
+        """HEAD what was published: it must be ours, whole."""
+        try:
+            info, _group, is_slo = self.store._head(self.name, newest=True)
+        except NotFound as e:  # deleted at once by someone else, or a manifest the server
+            raise BackendError(f"{e} right after publishing") from None  # cannot serve
+        if info.version != etag:
+            raise BackendError(f"{self._what()}: replaced by another writer right after "
+                               f"publishing (ETag {info.version}, ours {etag})")
+        if info.size != size or is_slo != slo:
+            raise BackendError(f"{self._what()}: published {info.size} bytes "
+                               f"({'SLO' if is_slo else 'object'}), expected {size}")
+        return info
+
+    def abort(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.small = None
+        for seg in self.segments:
+            seg.aborted = True
+            with seg.lock:
+                seg.closed = True
+                try:
+                    seg.q.put_nowait(_ABORT)
+                except queue.Full:
+                    pass  # the sender sees ``aborted`` at its next chunk
+        if self.pool is not None:  # segments not started yet never start
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        for seg in self.segments:
+            if seg.future is not None:
+                try:
+                    seg.future.result(timeout=self.store.timeout)
+                except Exception:
+                    pass
+        if self.published:
+            return  # the manifest references the segments: a failed verify keeps them
+        if self.marker:
+            self.store._delete_group(self.group)
+            self.store._delete_quietly(self.store.segment_container, PENDING_PREFIX + self.uid)
+
+
+class SwiftStore(Store):
+    type_name = "swift"
+    OPTIONS = {
+        "auth_url": Option("str", default=None,
+                           help="auth URL; default $ST_AUTH (v1) or $OS_AUTH_URL (v3)"),
+        "auth_version": Option(("1", "3"), default=None,
+                               help='"1" (tempauth, RGW) or "3" (Keystone)'),
+        "user": Option("str", default=None, help="default $ST_USER or $OS_USERNAME"),
+        "key_file": Option("path", default=None,
+                           help="file holding the key; default $ST_KEY or $OS_PASSWORD"),
+        "project_name": Option("str", default=None, help="Keystone v3 project"),
+        "user_domain_name": Option("str", default=None, help="Keystone v3 user domain"),
+        "project_domain_name": Option("str", default=None, help="Keystone v3 project domain"),
+        "region_name": Option("str", default=None, help="Keystone region of the endpoint"),
+        "container": Option("str", required=True, help="container of the images"),
+        "segment_container": Option("str", default=None,
+                                    help='SLO segments; default "<container>_segments"'),
+        "segment_size": Option("size", default=100 * MiB, help="SLO segment size"),
+        "upload_concurrency": Option("int", default=2, help="segment PUTs in flight per upload"),
+        "retries": Option("int", default=3, help="retries of idempotent requests"),
+        "leftover_age": Option("float", default=86400.0,
+                               help="seconds after which another host's unfinished upload is "
+                                    "removed at mount"),
+        "glance_reference": Option("str", default=None,
+                                   help="glance-swift.conf reference: locations become "
+                                        "swift+config://REF/container/name"),
+    }
+    capabilities = frozenset({"rename"})
+    default_concurrency = 8
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        o = self.options
+        self.container: str = o["container"]
+        self.segment_container: str = o["segment_container"] or f"{self.container}_segments"
+        self.segment_size: int = o["segment_size"]
+        self.upload_concurrency: int = o["upload_concurrency"]
+        self.retries: int = o["retries"]
+        self.max_segments = 1000
+        self.max_object = 5 << 30
+        self._auth = _resolved(o)
+        self._key: str | None = None
+        self._url: str | None = None
+        self._token: str | None = None
+        self._local = threading.local()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._cache: dict[str, tuple[tuple[Any, ...], ImageInfo, str | None]] = {}
+        self._if_match = True
+        self._sc: Any = None
+        self._ClientException: type[Exception] = Exception
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        a = _resolved(options)
+        if a["auth_version"] not in ("1", "3"):
+            raise OptionError("auth_version", f'expected "1" or "3" (the environment says '
+                                              f'{a["auth_version"]!r})')
+        url = a["auth_url"]
+        if not url:
+            raise OptionError("auth_url", "expected the auth URL (or ST_AUTH / OS_AUTH_URL in "
+                                          "the environment)")
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise OptionError("auth_url", f"expected an http:// or https:// URL, got {url!r}")
+        if parsed.username or parsed.password:
+            raise OptionError("auth_url", "expected a URL without credentials (use key_file)")
+        if not a["user"]:
+            raise OptionError("user", "expected a user name (or ST_USER / OS_USERNAME in the "
+                                      "environment)")
+        if not a["key_file"] and not a["key_env"]:
+            raise OptionError("key_file", "expected a file holding the key (or ST_KEY / "
+                                          "OS_PASSWORD in the environment)")
+        if a["auth_version"] == "3":
+            for k in ("project_name", "user_domain_name", "project_domain_name"):
+                if not a[k]:
+                    env = {"project_name": "OS_PROJECT_NAME",
+                           "user_domain_name": "OS_USER_DOMAIN_NAME",
+                           "project_domain_name": "OS_PROJECT_DOMAIN_NAME"}[k]
+                    raise OptionError(k, f'expected a value with auth_version = "3" (or {env} '
+                                         f"in the environment)")
+        container = options["container"]
+        if not container or "/" in container:
+            raise OptionError("container", "expected a container name without '/'")
+        seg = options.get("segment_container")
+        if seg is not None and (not seg or "/" in seg):
+            raise OptionError("segment_container", "expected a container name without '/'")
+        if (seg or f"{container}_segments") == container:
+            raise OptionError("segment_container", "expected a container other than "
+                                                   "`container`")
+        if not MiB <= options["segment_size"] <= 5 << 30:
+            raise OptionError("segment_size", 'expected a size from "1MiB" to "5GiB"')
+        if not 1 <= options["upload_concurrency"] <= 32:
+            raise OptionError("upload_concurrency", "expected an integer from 1 to 32")
+        if not 0 <= options["retries"] <= 20:
+            raise OptionError("retries", "expected an integer from 0 to 20")
+        if options["leftover_age"] < 0:
+            raise OptionError("leftover_age", "expected a number of seconds ≥ 0")
+        ref = options.get("glance_reference")
+        if ref is not None and (not ref or "/" in ref or "@" in ref):
+            raise OptionError("glance_reference", "expected a glance-swift.conf reference name")
+
+    # ------------------------------------------------------------------ connections
+    def open(self) -> None:
+        import swiftclient.client  # lazy: validating a config must not need it
+
+        self._sc = swiftclient.client
+        self._ClientException = swiftclient.client.ClientException
+        # swiftclient's request log may show a prefix of tokens and keys: show none
+        swiftclient.client.logger_settings["reveal_sensitive_prefix"] = 0
+        a = self._auth
+        if a["key_file"]:
+            try:
+                with open(a["key_file"], encoding="utf-8") as f:
+                    self._key = f.read().strip()
+            except OSError as e:
+                raise BackendError(f"store {self.id}: cannot read key_file {a['key_file']}: "
+                                   f"{e.strerror}") from None
+            if not self._key:
+                raise BackendError(f"store {self.id}: key_file {a['key_file']} is empty")
+        else:
+            self._key = a["key_env"]
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, self.cfg.concurrency or self.default_concurrency),
+            thread_name_prefix=f"swift-{self.id}")
+        try:
+            self._container_ready(self.container)
+            if not self.read_only:
+                self._container_ready(self.segment_container)
+        except BackendError:
+            self.close()
+            raise
+        try:
+            caps = self._invoke("get_capabilities")
+            self.max_segments = int(caps.get("slo", {}).get("max_manifest_segments", 1000))
+            self.max_object = int(caps.get("swift", {}).get("max_file_size", 5 << 30))
+        except Exception as e:  # /info is optional: keep Swift's defaults
+            log.debug("store %s: no /info (%s); assuming 1000 segments of at most 5GiB",
+                      self.id, e)
+
+    def _container_ready(self, container: str) -> None:
+        try:
+            self._call(f"container {container}: HEAD", "head_container", container)
+        except NotFound:
+            if self.read_only:
+                raise BackendError(f"store {self.id}: container {container} does not exist "
+                                   f"(the store is read-only, so it is not created)") from None
+            self._call(f"container {container}: PUT", "put_container", container, write=True)
+            log.info("store %s: created container %s", self.id, container)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _conn(self) -> Any:
+        """This thread's swiftclient Connection (they are not thread-safe), sharing one token."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._sc is None:
+            raise BackendError(f"store {self.id}: not opened")
+        a = self._auth
+        os_options: dict[str, str] = {}
+        if a["auth_version"] == "3":
+            os_options = {k: a[k] for k in ("project_name", "user_domain_name",
+                                            "project_domain_name", "region_name") if a[k]}
+        elif a["region_name"]:
+            os_options["region_name"] = a["region_name"]
+        conn = self._sc.Connection(
+            authurl=a["auth_url"], user=a["user"], key=self._key,
+            auth_version=a["auth_version"], os_options=os_options,
+            preauthurl=self._url, preauthtoken=self._token,
+            retries=self.retries, starting_backoff=0.25, max_backoff=4,
+            timeout=self.timeout, retry_on_ratelimit=True)
+        self._local.conn = conn
+        return conn
+
+    def _invoke(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``Connection.<method>`` of this thread; swiftclient's exceptions pass through."""
+        conn = self._conn()
+        try:
+            return getattr(conn, method)(*args, **kwargs)
+        finally:
+            if conn.token and conn.token != self._token:  # (re)authenticated: share it
+                self._url, self._token = conn.url, conn.token
+
+    def _call(self, what: str, method: str, *args: Any, write: bool = False,
+              **kwargs: Any) -> Any:
+        """Like ``_invoke``, with errors mapped to the store's exceptions."""
+        try:
+            return self._invoke(method, *args, **kwargs)
+        except self._ClientException as e:
+            raise self._error(e, what, write) from None
+        except OSError as e:  # sockets; requests' exceptions are OSErrors too
+            raise BackendError(f"store {self.id}: {what}: {type(e).__name__}: {e}",
+                               retryable=True) from None
+
+    def _error(self, e: Any, what: str, write: bool) -> StoreError:
+        status = getattr(e, "http_status", None)
+        if status is None:
+            return BackendError(f"store {self.id}: {what}: {e}")
+        msg = f"store {self.id}: {what}: HTTP {status} {getattr(e, 'http_reason', '') or ''}"
+        msg = msg.rstrip()
+        if status == 404:
+            return NotFound(msg)
+        if status == 412:
+            return Changed(msg)
+        if status == 401:
+            return BackendError(msg + " (authentication failed: check user and key)")
+        if status == 403:
+            return ReadOnly(msg) if write else BackendError(msg)
+        if status in (413, 507):
+            return NoSpace(msg)
+        return BackendError(msg, retryable=status in (408, 429, 498, 499) or status >= 500)
+
+    # ------------------------------------------------------------------ segment PUTs
+    def _segment_target(self, index: int) -> int:
+        """Segment sizes double every quarter of the server's segment limit (images beyond
+        ``max_segments × segment_size`` still fit); memory does not depend on them."""
+        tier = index // max(1, self.max_segments // 4)
+        return min(self.segment_size << tier, self.max_object)
+
+    def _send_segment(self, seg: _Segment) -> None:
+        """One chunked PUT of ``seg`` (runs in an upload's pool thread)."""
+        if self._url is None or self._token is None:
+            raise BackendError(f"store {self.id}: not authenticated")
+        url = urllib.parse.urlsplit(self._url)
+        cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        conn = cls(url.hostname or "", url.port, timeout=self.timeout)
+        path = (url.path.rstrip("/") + "/" + urllib.parse.quote(self.segment_container, safe="")
+                + "/" + urllib.parse.quote(seg.obj, safe="/"))
+        what = f"segment {seg.obj}: PUT"
+        idle = max(0.5, min(20.0, self.timeout / 2))
+        try:
+            try:
+                conn.putrequest("PUT", path, skip_accept_encoding=True)
+                conn.putheader("X-Auth-Token", self._token)
+                conn.putheader("Transfer-Encoding", "chunked")
+                conn.putheader("Content-Type", "application/octet-stream")
+                conn.endheaders()
+                for chunk in seg.chunks(idle):
+                    conn.send(b"%x\r\n" % len(chunk))
+                    conn.send(chunk)
+                    conn.send(b"\r\n")
+                conn.send(b"0\r\n\r\n")
+            except OSError:
+                pass  # the server may have answered early (401, 413...): read it below
+            try:
+                resp = conn.getresponse()
+                resp.read()
+            except (OSError, http.client.HTTPException) as e:
+                raise BackendError(f"store {self.id}: {what}: {type(e).__name__}: {e}",
+                                   retryable=True) from None
+        finally:
+            conn.close()
+        if resp.status == 401:
+            self._reauthenticate()
+        if not 200 <= resp.status < 300:
+            err = self._ClientException(what, http_status=resp.status, http_reason=resp.reason)
+            raise self._error(err, what, write=True)
+        etag = (resp.getheader("Etag") or "").strip('"')
+        if etag != seg.md5.hexdigest():
+            raise BackendError(f"store {self.id}: {what}: ETag {etag!r} does not match the "
+                               f"bytes sent ({seg.md5.hexdigest()})")
+        seg.etag = etag
+
+    def _reauthenticate(self) -> None:
+        conn = self._conn()
+        try:
+            conn.url = conn.token = None
+            self._url, self._token = conn.get_auth()
+        except Exception as e:
+            log.warning("store %s: re-authentication failed: %s", self.id, e)
+
+    # ------------------------------------------------------------------ helpers
+    def _info(self, name: str, headers: Mapping[str, str]) -> tuple[ImageInfo, str | None, bool]:
+        meta = _meta_of(headers)
+        group = meta.pop(SEGMENTS_META, None)
+        try:
+            size = int(headers["content-length"])
+        except (KeyError, ValueError):
+            raise BackendError(f"store {self.id}: {name}: no usable Content-Length") from None
+        try:
+            stamp = float(headers.get("x-timestamp", ""))
+        except ValueError:
+            stamp = _http_date(headers.get("last-modified"))
+        is_slo = headers.get("x-static-large-object", "").lower() == "true"
+        info = ImageInfo(name=name, size=size, mtime=meta_mtime(meta, stamp),
+                         mode=meta_mode(meta), version=headers.get("etag", "").strip('"'),
+                         meta=meta)
+        return info, (group if is_slo else None), is_slo
+
+    def _head(self, name: str, newest: bool = False) -> tuple[ImageInfo, str | None, bool]:
+        headers = {"X-Newest": "true"} if newest else None
+        h = self._call(f"{name}: HEAD", "head_object", self.container, name, headers=headers)
+        return self._info(name, h)
+
+    def _group_of_existing(self, name: str) -> str | None:
+        """The segment group of the image now called ``name``, if it is one of our SLOs."""
+        try:
+            return self._head(name, newest=True)[1]
+        except NotFound:
+            return None
+
+    def _iter_container(self, container: str, prefix: str | None = None
+                        ) -> Iterator[list[dict[str, Any]]]:
+        """Listing pages, following markers: memory stays at one page."""
+        marker = ""
+        while True:
+            _, page = self._call(f"container {container}: GET", "get_container", container,
+                                 marker=marker, limit=LIST_PAGE, prefix=prefix)
+            if not page:
+                return
+            yield page
+            marker = page[-1].get("name") or page[-1].get("subdir", "")
+
+    def _put_marker(self, uid: str, record: Mapping[str, Any]) -> None:
+        body = json.dumps({**record, "created": time.time()}).encode()
+        self._call(f"marker {uid}: PUT", "put_object", self.segment_container,
+                   PENDING_PREFIX + uid, body, content_length=len(body),
+                   content_type="application/json", write=True)
+
+    def _delete_quietly(self, container: str, obj: str) -> bool:
+        try:
+            self._call(f"{container}/{obj}: DELETE", "delete_object", container, obj, write=True)
+            return True
+        except NotFound:
+            return False
+        except StoreError as e:
+            log.warning("store %s: %s", self.id, e)
+            return False
+
+    def _delete_group(self, group: str) -> int:
+        """Delete every segment of ``group`` (a prefix listing, deletes in parallel)."""
+        n = 0
+        for page in self._iter_container(self.segment_container, prefix=group + "/"):
+            names = [o["name"] for o in page if "name" in o]
+            if self._pool is not None:
+                n += sum(self._pool.map(
+                    lambda o: self._delete_quietly(self.segment_container, o), names))
+            else:
+                n += sum(self._delete_quietly(self.segment_container, o) for o in names)
+        return n
+
+    def _forget(self, *names: str) -> None:
+        with self._lock:
+            for n in names:
+                self._cache.pop(n, None)
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnly(f"store {self.id} is read-only")
+
+    # ------------------------------------------------------------------ reading
+    def _listing(self) -> Iterator[tuple[ImageInfo, str | None]]:
+        """Every image with its segment group, HEADing only entries that changed."""
+        seen: set[str] = set()
+        pool = self._pool
+        for page in self._iter_container(self.container):
+            todo: list[Any] = []
+            for entry in page:
+                name = entry.get("name")
+                if not name or is_hidden(name):
+                    continue
+                try:
+                    check_name(name)
+                except InvalidName:
+                    continue  # names with '/', too long...: not images of a flat store
+                key = (entry.get("hash"), entry.get("last_modified"), entry.get("bytes"))
+                seen.add(name)
+                with self._lock:
+                    hit = self._cache.get(name)
+                if hit is not None and hit[0] == key:
+                    todo.append((hit[1], hit[2]))
+                elif pool is not None:
+                    todo.append(pool.submit(self._head_for_listing, name, key))
+                else:
+                    todo.append(self._head_for_listing(name, key))
+            for item in todo:
+                if isinstance(item, concurrent.futures.Future):
+                    item = item.result()
+                if item is not None:
+                    yield item
+        with self._lock:
+            self._cache = {n: v for n, v in self._cache.items() if n in seen}
+
+    def _head_for_listing(self, name: str, key: tuple[Any, ...]
+                          ) -> tuple[ImageInfo, str | None] | None:
+        try:
+            info, group, _ = self._head(name)
+        except NotFound:
+            return None  # deleted since the listing
+        with self._lock:
+            self._cache[name] = (key, info, group)
+        return info, group
+
+    def list(self) -> Iterator[ImageInfo]:
+        for info, _group in self._listing():
+            yield info
+
+    def stat(self, name: str) -> ImageInfo:
+        check_name(name)
+        return self._head(name)[0]
+
+    def read_range(self, name: str, version: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        if self._if_match:
+            headers["If-Match"] = version
+        what = f"{name}: GET {offset}+{length}"
+        resp: dict[str, Any] = {}
+        try:
+            h, body = self._invoke("get_object", self.container, name, headers=headers,
+                                   response_dict=resp)
+        except self._ClientException as e:
+            status = getattr(e, "http_status", None)
+            if status == 416:
+                return b""  # at or past the end (an empty image answers 416 too)
+            if status != 412 or "If-Match" not in headers:
+                raise self._error(e, what, False) from None
+            try:
+                unchanged = self._head(name, newest=True)[0].version == version
+            except NotFound:
+                unchanged = False
+            if not unchanged:
+                raise Changed(f"{self.id}/{name} changed since it was opened") from None
+            log.info("store %s: the server refuses If-Match on unchanged large objects (RGW); "
+                     "checking the ETag of each response instead", self.id)
+            self._if_match = False
+            return self.read_range(name, version, offset, length)
+        except OSError as e:
+            raise BackendError(f"store {self.id}: {what}: {type(e).__name__}: {e}",
+                               retryable=True) from None
+        got = h.get("etag", "").strip('"')
+        if got != version:
+            raise Changed(f"{self.id}/{name} changed since it was opened (ETag {got})")
+        status = resp.get("status")
+        if status == 200:  # the whole object: the server ignored the range
+            if len(body) != int(h.get("content-length", len(body))):
+                raise BackendError(f"store {self.id}: {what}: short body")
+            return body[offset:offset + length]
+        if status != 206:
+            raise BackendError(f"store {self.id}: {what}: HTTP {status} (expected 206)")
+        m = _RANGE.match(h.get("content-range", ""))
+        if not m or int(m.group(1)) != offset:
+            raise BackendError(f"store {self.id}: {what}: bad Content-Range "
+                               f"{h.get('content-range')!r}")
+        expected = int(m.group(2)) - offset + 1
+        if m.group(3) != "*" and expected != min(length, int(m.group(3)) - offset):
+            raise BackendError(f"store {self.id}: {what}: Content-Range "
+                               f"{h.get('content-range')!r} is not the range asked for")
+        if len(body) != expected or expected > length:
+            raise BackendError(f"store {self.id}: {what}: got {len(body)} bytes, "
+                               f"Content-Range says {expected}")
+        return body
+
+    # ------------------------------------------------------------------ changing
+    def upload(self, name: str, size_hint: int | None = None) -> Upload:
+        self._writable()
+        check_name(name)
+        return SwiftUpload(self, name, size_hint)
+
+    def rename(self, old: str, new: str) -> ImageInfo:
+        """Copy the manifest (not the data) to ``new``, then delete the old manifest only."""
+        self._writable()
+        check_name(old)
+        check_name(new)
+        src, _group, is_slo = self._head(old, newest=True)
+        target_group = self._group_of_existing(new)
+        replace_uid = None
+        if target_group is not None and target_group != _group:
+            replace_uid = _new_upload_id()
+            self._put_marker(replace_uid, {"op": "replace", "image": new,
+                                           "groups": [target_group]})
+        source = "/" + urllib.parse.quote(self.container, safe="") + "/" + \
+            urllib.parse.quote(old, safe="")
+        self._call(f"{old} -> {new}: copy", "put_object", self.container, new, None,
+                   headers={"X-Copy-From": source},
+                   query_string="multipart-manifest=get" if is_slo else None, write=True)
+        info, _, _ = self._head(new, newest=True)
+        if info.version != src.version or info.size != src.size:
+            raise BackendError(f"store {self.id}: rename {old} -> {new}: the copy differs "
+                               f"(ETag {info.version}, size {info.size}; source {src.version}, "
+                               f"{src.size})")
+        try:
+            self._call(f"{old}: DELETE", "delete_object", self.container, old, write=True)
+        except NotFound:
+            pass
+        if replace_uid is not None:
+            assert target_group is not None
+            self._delete_group(target_group)
+            self._delete_quietly(self.segment_container, PENDING_PREFIX + replace_uid)
+        self._forget(old, new)
+        return info
+
+    def delete(self, name: str) -> None:
+        self._writable()
+        check_name(name)
+        _info, group, is_slo = self._head(name, newest=True)
+        if not is_slo:
+            self._call(f"{name}: DELETE", "delete_object", self.container, name, write=True)
+            self._forget(name)
+            return
+        uid = None
+        if group is not None:
+            uid = _new_upload_id()
+            self._put_marker(uid, {"op": "delete", "image": name, "groups": [group]})
+        self._multipart_delete(name)
+        if group is not None:
+            self._delete_group(group)  # what the server's SLO delete missed, if anything
+            assert uid is not None
+            self._delete_quietly(self.segment_container, PENDING_PREFIX + uid)
+        self._forget(name)
+
+    def _multipart_delete(self, name: str) -> None:
+        """DELETE ?multipart-manifest=delete: the manifest and its segments, server-side.
+
+        The answer is 200 even when parts failed: its JSON body says what happened.
+        """
+        quoted = "/" + urllib.parse.quote(self.container, safe="") + "/" + \
+            urllib.parse.quote(name, safe="")
+
+        def request(url: str, token: str, http_conn: Any = None, service_token: Any = None
+                    ) -> tuple[int, str, bytes]:
+            parsed, conn = http_conn
+            conn.request("DELETE", parsed.path + quoted + "?multipart-manifest=delete", "",
+                         {"X-Auth-Token": token, "Accept": "application/json"})
+            r = conn.getresponse()
+            body = r.read()
+            if r.status < 200 or r.status >= 300:
+                raise self._ClientException.from_response(r, "Object DELETE failed", body)
+            return r.status, r.reason, body
+
+        conn = self._conn()  # swiftclient has no call that returns this body: use its retry
+        try:
+            _status, _reason, body = conn._retry(None, request)
+        except self._ClientException as e:
+            raise self._error(e, f"{name}: DELETE (SLO)", True) from None
+        except OSError as e:
+            raise BackendError(f"store {self.id}: {name}: DELETE (SLO): {e}",
+                               retryable=True) from None
+        finally:
+            if conn.token and conn.token != self._token:
+                self._url, self._token = conn.url, conn.token
+        try:
+            report = json.loads(body or b"{}")
+        except ValueError:
+            report = {}
+        errors = report.get("Errors") or []
+        status = str(report.get("Response Status", "200"))
+        if errors or not status.startswith(("200", "404")):
+            if status.startswith("404"):
+                raise NotFound(f"{self.id}/{name}")
+            raise BackendError(f"store {self.id}: {name}: SLO delete: {status}: "
+                               f"{errors[:3]}")
+
+    def set_meta(self, name: str, meta: Mapping[str, str]) -> ImageInfo:
+        """POST replaces all user metadata: merge with what HEAD says first."""
+        self._writable()
+        check_name(name)
+        h = self._call(f"{name}: HEAD", "head_object", self.container, name,
+                       headers={"X-Newest": "true"})
+        info, group, _ = self._info(name, h)
+        current = _meta_of(h)
+        merged = {**current, **{k: v for k, v in user_meta(meta).items()
+                                if not k.startswith("imagefs_")}}
+        self._call(f"{name}: POST", "post_object", self.container, name,
+                   headers=_meta_headers(merged), write=True)
+        self._forget(name)
+        visible = {k: v for k, v in merged.items() if k != SEGMENTS_META}
+        return ImageInfo(name=name, size=info.size, mtime=meta_mtime(visible, info.mtime),
+                         mode=meta_mode(visible), version=info.version, meta=visible)
+
+    # ------------------------------------------------------------------ leftovers
+    def cleanup_leftovers(self) -> int:
+        """Delete segment groups of operations whose process is gone and no manifest uses.
+
+        A marker's owner is gone when it ran on this host and its pid (with its start time) no
+        longer runs; for another host, when the marker and its segments are older than
+        ``leftover_age``. Groups referenced by a manifest (a crash right after publishing) are
+        kept: first the image the marker names is checked, then, if needed, every manifest.
+        """
+        if self.read_only:
+            return 0
+        removed = 0
+        referenced: set[str] | None = None
+        age = self.options["leftover_age"]
+        for page in self._iter_container(self.segment_container, prefix=PENDING_PREFIX):
+            for entry in page:
+                mname = entry.get("name", "")
+                uid = mname[len(PENDING_PREFIX):]
+                state = _owner_state(uid)
+                if state == "alive":
+                    continue
+                try:
+                    _, body = self._call(f"marker {uid}: GET", "get_object",
+                                         self.segment_container, mname)
+                    record = json.loads(body)
+                    groups = [g for g in record.get("groups", []) if isinstance(g, str) and g]
+                    image = record.get("image")
+                except NotFound:
+                    continue  # someone else cleaned it
+                except ValueError:
+                    groups, image = [], None
+                if state == "elsewhere" and not self._older_than(entry, groups, age):
+                    continue
+                for group in groups:
+                    in_use = False
+                    if isinstance(image, str):
+                        try:
+                            in_use = self._head(image, newest=True)[1] == group
+                        except (NotFound, InvalidName):
+                            in_use = False
+                    if not in_use:
+                        if referenced is None:
+                            referenced = {g for _i, g in self._listing() if g}
+                        in_use = group in referenced
+                    if not in_use and self._delete_group(group):
+                        removed += 1
+                        log.info("store %s: removed segments %s/%s left by a crash", self.id,
+                                 self.segment_container, group)
+                self._delete_quietly(self.segment_container, mname)
+        return removed
+
+    def _older_than(self, entry: Mapping[str, Any], groups: list[str], age: float) -> bool:
+        newest = _iso_time(entry.get("last_modified"))
+        for group in groups:
+            for page in self._iter_container(self.segment_container, prefix=group + "/"):
+                newest = max([newest, *(_iso_time(o.get("last_modified")) for o in page)])
+        return time.time() - newest >= age
+
+    # ------------------------------------------------------------------ facts
+    def location(self, name: str) -> str:
+        """Glance's swift location without credentials.
+
+        With ``glance_reference``: ``swift+config://REF/container/name`` (Glance's single-tenant
+        form, credentials in glance-swift.conf). Otherwise Glance's multi-tenant form, the
+        storage URL itself: ``swift+http://host:port/v1/AUTH_acct/container/name``.
+        """
+        obj = urllib.parse.quote(name, safe="")
+        container = urllib.parse.quote(self.container, safe="")
+        ref = self.options.get("glance_reference")
+        if ref:
+            return f"swift+config://{ref}/{container}/{obj}"
+        if self._url is None:
+            raise BackendError(f"store {self.id}: not connected")
+        u = urllib.parse.urlsplit(self._url)
+        return f"swift+{u.scheme}://{u.netloc}{u.path.rstrip('/')}/{container}/{obj}"
+
+    def usage(self) -> tuple[int, int] | None:
+        main = self._call(f"container {self.container}: HEAD", "head_container", self.container)
+        try:
+            seg = self._call(f"container {self.segment_container}: HEAD", "head_container",
+                             self.segment_container)
+        except NotFound:
+            seg = {}
+        images = int(main.get("x-container-object-count", 0))
+        main_bytes = int(main.get("x-container-bytes-used", 0))
+        seg_bytes = int(seg.get("x-container-bytes-used", 0))
+        # Swift counts an SLO manifest at its total size (listing override); RGW at the
+        # manifest's own few bytes: only then do the segments add to the images' bytes.
+        return images, main_bytes if main_bytes >= seg_bytes else main_bytes + seg_bytes
+
+    def properties(self) -> dict[str, str]:
+        props = {"auth_url": str(self._auth["auth_url"]), "auth_version":
+                 self._auth["auth_version"], "user": str(self._auth["user"]),
+                 "container": self.container, "segment_container": self.segment_container}
+        if self._url:
+            props["storage_url"] = self._url
+        return props
+
+
+def _iso_time(value: Any) -> float:
+    """Listing times: '2024-01-02T03:04:05.678900' (Swift) or '...05.678Z' (RGW), UTC."""
+    if not isinstance(value, str) or not value:
+        return 0.0
+    try:
+        dt = datetime.datetime.fromisoformat(value.rstrip("Z"))
+    except ValueError:
+        return 0.0
+    return dt.replace(tzinfo=datetime.UTC).timestamp()
