@@ -16,9 +16,10 @@ Uploads
     An upload is a hidden image ``.imagefs-<host>-<pid>-<pid start time>-<random>`` created in
     the pool at open and written in place at any offset (capability ``random_write``, so
     ``writer.py`` never spools). The image grows geometrically ahead of the writes (a resize is a
-    header update, not free) and is resized to the exact logical size at commit. All-zero writes
-    become ``write_zeroes``, which allocates nothing on objects that do not exist yet: sparse
-    images stay sparse. Commit sets metadata, flushes, (glance_layout) creates and protects
+    header update, not free) and is resized to the exact logical size at commit. librbd's cache
+    is switched to writeback at once (an empty flush), so FUSE's small writes coalesce. All-zero
+    writes become ``write_zeroes``, which allocates nothing on objects that do not exist yet:
+    sparse images stay sparse. Commit sets metadata, flushes, (glance_layout) creates and protects
     snapshot ``snap``, then renames the image to its final name: the name only ever shows a
     complete image, with its snapshot already there.
 
@@ -203,6 +204,11 @@ class RbdUpload(Upload):
             raise _fail(e, f"{store.id}: cannot create upload image for {name}") from None
         try:
             self.image = rbd.Image(store.ioctx, self.tmp)
+            # librbd keeps its cache writethrough until the first flush it sees
+            # (rbd_cache_writethrough_until_flush): FUSE hands over 128 KiB writes, each then a
+            # synchronous OSD round trip. An empty flush now switches to writeback; commit
+            # flushes before the image gets its name, so nothing unflushed is ever published.
+            self.image.flush()
         except Exception as e:
             self._remove_tmp()
             raise _fail(e, f"{store.id}: cannot open upload image for {name}") from None
