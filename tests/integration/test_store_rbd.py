@@ -118,6 +118,42 @@ def test_two_clusters_and_two_pools_in_one_mount(
     }
 
 
+def test_namespace_is_a_separate_store(mount_factory: Any, ceph: Any,
+                                       rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    import rbd as librbd
+
+    with rados_connection(ceph) as cluster, \
+            cluster.open_ioctx(rbd_store_table["pool"]) as ioctx:
+        librbd.RBD().namespace_create(ioctx, "tenant")
+    ns_table = {**rbd_store_table, "namespace": "tenant"}
+    m = mount_factory({"plain": rbd_store_table, "ns": ns_table})
+    m.path("ns", "a.raw").write_bytes(b"in the namespace")
+    m.path("plain", "b.raw").write_bytes(b"in the pool")
+    assert os.listdir(m.path("ns")) == ["a.raw"] and os.listdir(m.path("plain")) == ["b.raw"]
+    assert listed(rbd_store_table) == ["b.raw"]
+    assert rbd_json(rbd_store_table, "ls", "--namespace", "tenant") == ["a.raw"]
+    assert os.getxattr(m.path("ns", "a.raw"), "user.imagefs.location").decode() == \
+        f"rbd://{ceph.fsid}/{rbd_store_table['pool']}/tenant/a.raw"
+    m.path("ns", "a.raw").unlink()
+    assert rbd_json(rbd_store_table, "ls", "--namespace", "tenant") == []
+
+
+def test_stores_command_shows_pool_facts_and_no_secrets(
+        mount_factory: Any, ceph: Any, rbd_store_table: dict[str, Any]) -> None:
+    m = mount_factory({"r": rbd_store_table})
+    m.path("r", "x.raw").write_bytes(b"x" * 12345)
+    r = subprocess.run([*IMAGEFS, "stores", str(m.config), "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)["stores"]
+    props = row["properties"]
+    assert props["fsid"] == ceph.fsid and props["pool"] == rbd_store_table["pool"]
+    assert (props["images"], props["bytes"]) == (1, 12345)
+    key = [ln.split("=", 1)[1].strip() for ln in Path(ceph.keyring).read_text().splitlines()
+           if ln.strip().startswith("key")]
+    assert not any(k in r.stdout for k in key)
+
+
 # ------------------------------------------------------------------------------- interchange
 def test_image_written_through_imagefs_is_an_ordinary_rbd_image(
         mount_factory: Any, rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
