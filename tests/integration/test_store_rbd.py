@@ -434,6 +434,60 @@ def test_unreachable_cluster_is_an_error_not_a_hang(tmp_path: Path) -> None:
     assert "dead" in str(e.value)
 
 
+_PROBE = """
+import errno, os, sys
+path, op = sys.argv[1], sys.argv[2]
+try:
+    if op == "read":
+        with open(path, "rb", buffering=0) as f:
+            f.seek(6 << 20)
+            f.read(1 << 20)
+    elif op == "list":
+        os.listdir(path)
+    else:
+        with open(path, "wb") as f:
+            f.write(b"w" * 65536)
+    print("ok")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, e.errno))
+"""
+
+
+def test_cluster_dying_under_a_mount_gives_eio_not_a_hang(mount_factory: Any,
+                                                          tmp_path: Path) -> None:
+    """A private cluster, stopped under a live mount: every operation ends in EIO.
+
+    The probes run as child processes with a generous guard, so a hang fails the test instead
+    of hanging it; the bound itself is the store timeout (librados op timeouts).
+    """
+    import rbd as librbd
+
+    from tests.backends import make
+
+    private = make("ceph2", tmp_path / "private")
+    private.start()
+    try:
+        info = private.info
+        with rados_connection(info) as cluster:
+            cluster.create_pool("p")
+            with cluster.open_ioctx("p") as ioctx:
+                librbd.RBD().pool_init(ioctx, True)
+        m = mount_factory({"r": {**rbd_table(info, "p"), "timeout": 5.0}}, metadata_ttl=0)
+        src = tmp_path / "d.raw"
+        make_file(src, 8 * MiB, "dying")
+        sh("cp", src, m.path("r", "d.raw"))
+        with open(m.path("r", "d.raw"), "rb") as f:
+            assert f.read(65536) == src.read_bytes()[:65536]
+        private.stop()
+        for target, op in ((m.path("r", "d.raw"), "read"), (m.path("r"), "list"),
+                           (m.path("r", "new.raw"), "write")):
+            r = subprocess.run([sys.executable, "-c", _PROBE, str(target), op],
+                               capture_output=True, text=True, timeout=300)
+            assert r.stdout.strip() == "EIO", f"{op}: {r.stdout} {r.stderr}"
+    finally:
+        private.stop()
+
+
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     for table, key in (({"type": "rbd", "pool": "p"}, "conf"),
                        ({"type": "rbd", "conf": "/x"}, "pool"),
