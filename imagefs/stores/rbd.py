@@ -47,10 +47,11 @@ Versions and reads
 
 Listing and stat cache
     ``list()`` gets names and ids in one call (``list2``); the per-image facts (size, metadata)
-    need an image open each, so they are cached per (name, id) for ``stat_ttl`` seconds, on top of
-    the mount's own ``metadata_ttl`` catalog. A replaced image has a new id, so the cache can only
-    be stale about changes made by *other* clients to metadata (mtime/mode/hashes) or to size in
-    place, and only for ``stat_ttl``. imagefs's own changes update it at once.
+    need an image open each (up to 8 at once), so they are cached per (name, id) for ``stat_ttl``
+    seconds, on top of the mount's own ``metadata_ttl`` catalog. A replaced image has a new id,
+    so the cache can only be stale about changes made by *other* clients to metadata
+    (mtime/mode/hashes) or to size in place, and only for ``stat_ttl``. imagefs's own changes
+    update it at once. ``stat()`` of a cached image costs one small read (``rbd_id.<name>``).
 
 Locations
     glance_layout: ``rbd://<fsid>/<pool>/<image>/snap``, exactly what Glance records (it cannot
@@ -63,6 +64,7 @@ Locations
 from __future__ import annotations
 
 import calendar
+import concurrent.futures
 import errno
 import logging
 import os
@@ -113,6 +115,8 @@ MAX_HANDLES = 32
 #: Uploads grow ahead of the writes by doubling, at most this much at a time.
 GROW_MAX = 1 << 30
 GROW_ALIGN = 4 * MiB
+#: Images opened at once to fill the stat cache in ``list()``.
+LIST_WORKERS = 8
 #: Attempts at publishing when another client publishes the same name at the same moment.
 PUBLISH_TRIES = 5
 
@@ -485,7 +489,8 @@ class RbdStore(Store):
             entries = [(e["name"], e["id"]) for e in self.rbd.RBD().list2(self._conn())]
         except Exception as e:
             raise _fail(e, f"store {self.id}: listing pool {self.pool}") from None
-        names = set()
+        names: list[str] = []
+        infos: dict[str, ImageInfo] = {}
         for name, image_id in entries:
             if is_hidden(name):
                 continue
@@ -493,17 +498,27 @@ class RbdStore(Store):
                 check_name(name)
             except StoreError:
                 continue  # an RBD name no file can have (too long): not served
-            names.add(name)
+            names.append(name)
             info = self._cached(name, image_id)
-            if info is None:
-                try:
-                    info = self._stat_fresh(name)
-                except NotFound:
-                    continue  # removed since the listing
-            yield info
+            if info is not None:
+                infos[name] = info
+        todo = [n for n in names if n not in infos]
+        if todo:
+            # Each uncached image costs an open (a few round trips): overlap them.
+            with concurrent.futures.ThreadPoolExecutor(
+                    max_workers=min(LIST_WORKERS, len(todo))) as pool:
+                futures = {n: pool.submit(self._stat_fresh, n) for n in todo}
+                for n, fut in futures.items():
+                    try:
+                        infos[n] = fut.result()
+                    except NotFound:
+                        pass  # removed since the listing
         with self._lock:
-            for gone in set(self._stats) - names:
+            for gone in set(self._stats) - set(names):
                 del self._stats[gone]
+        for name in names:
+            if name in infos:
+                yield infos[name]
 
     def stat(self, name: str) -> ImageInfo:
         check_name(name)
