@@ -47,6 +47,7 @@ Listing
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import datetime
 import email.utils
@@ -63,6 +64,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from imagefs.config import Option
@@ -205,6 +207,16 @@ def _meta_of(headers: Mapping[str, str]) -> dict[str, str]:
     meta = {k[len(_META):].replace("-", "_"): v for k, v in headers.items()
             if k.startswith(_META)}
     return {k: v for k, v in meta.items() if k not in _SERVER_META}
+
+
+@dataclass(frozen=True)
+class _SegmentMap:
+    """The segments of one SLO version, in order: where each starts, its size, name, ETag."""
+
+    starts: list[int]
+    sizes: list[int]
+    names: list[str]
+    etags: list[str]
 
 
 class _Segment:
@@ -537,6 +549,7 @@ class SwiftStore(Store):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._cache: dict[str, tuple[tuple[Any, ...], ImageInfo, str | None]] = {}
         self._if_match = True
+        self._segment_maps: dict[tuple[str, str], _SegmentMap | None] = {}
         self._sc: Any = None
         self._ClientException: type[Exception] = Exception
 
@@ -901,6 +914,93 @@ class SwiftStore(Store):
     def read_range(self, name: str, version: str, offset: int, length: int) -> bytes:
         if length <= 0:
             return b""
+        segments = self._segment_map(name, version)
+        if segments is not None:
+            return self._read_segments(name, segments, offset, length)
+        return self._read_object(name, version, offset, length)
+
+    def _segment_map(self, name: str, version: str) -> _SegmentMap | None:
+        """Where the bytes of imagefs's SLO ``name`` at ``version`` lie, or None to read
+        through the manifest (plain objects, foreign SLOs, a listing that does not add up).
+
+        Ranged GETs of the segments themselves skip the server's manifest resolution on every
+        read: RGW serves SLO ranges at half the speed of plain objects, Swift at two thirds.
+        The pinning is as strict as If-Match on the manifest: the segment listing is accepted
+        only if the md5 of its ETags is ``version`` (the SLO's ETag) and the sizes add up to
+        the image's, each segment name holds a unique upload id (never overwritten), and every
+        segment GET carries If-Match on that segment's ETag. Once a replaced image's segments
+        are deleted, reads raise ``Changed``; until then they serve the old version, whole.
+        """
+        key = (name, version)
+        with self._lock:
+            if key in self._segment_maps:
+                return self._segment_maps[key]
+        info, group, _ = self._head(name)
+        if info.version != version:
+            raise Changed(f"{self.id}/{name} changed since it was opened")
+        smap: _SegmentMap | None = None
+        if group is not None:
+            entries = [o for page in self._iter_container(self.segment_container,
+                                                          prefix=group + "/") for o in page]
+            etags = [str(o.get("hash", "")).strip('"') for o in entries]
+            sizes = [int(o.get("bytes", -1)) for o in entries]
+            digest = hashlib.md5("".join(etags).encode(), usedforsecurity=False).hexdigest()
+            if entries and digest == version and sum(sizes) == info.size and min(sizes) > 0:
+                starts = [0]
+                for size in sizes[:-1]:
+                    starts.append(starts[-1] + size)
+                smap = _SegmentMap(starts, sizes, [o["name"] for o in entries], etags)
+            else:
+                log.debug("store %s: segments of %s do not add up to version %s; reading "
+                          "through the manifest", self.id, name, version)
+        with self._lock:
+            if len(self._segment_maps) >= 256:
+                self._segment_maps.pop(next(iter(self._segment_maps)))
+            self._segment_maps[key] = smap
+        return smap
+
+    def _read_segments(self, name: str, smap: _SegmentMap, offset: int, length: int) -> bytes:
+        total = smap.starts[-1] + smap.sizes[-1]
+        end = min(offset + length, total)
+        parts: list[bytes] = []
+        i = bisect.bisect_right(smap.starts, offset) - 1
+        while offset < end:
+            start, size = smap.starts[i], smap.sizes[i]
+            n = min(end, start + size) - offset
+            parts.append(self._get_range(self.segment_container, smap.names[i], smap.etags[i],
+                                         offset - start, n, what=f"{name} (segment {i})",
+                                         changed=f"{self.id}/{name}"))
+            offset += n
+            i += 1
+        return b"".join(parts)
+
+    def _get_range(self, container: str, obj: str, etag: str, offset: int, length: int,
+                   what: str, changed: str) -> bytes:
+        """Exactly ``length`` bytes at ``offset`` of an object that must have ``etag``;
+        ``Changed`` (naming ``changed``) if it is gone or has another ETag."""
+        what = f"{what}: GET {offset}+{length}"
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "If-Match": etag}
+        resp: dict[str, Any] = {}
+        try:
+            h, body = self._invoke("get_object", container, obj, headers=headers,
+                                   response_dict=resp)
+        except self._ClientException as e:
+            if getattr(e, "http_status", None) in (404, 412):
+                raise Changed(f"{changed} changed since it was opened") from None
+            raise self._error(e, what, False) from None
+        except OSError as e:
+            raise BackendError(f"store {self.id}: {what}: {type(e).__name__}: {e}",
+                               retryable=True) from None
+        got = h.get("etag", "").strip('"')
+        if got != etag:
+            raise Changed(f"{changed} changed since it was opened (ETag {got})")
+        data = self._ranged_body(what, resp.get("status"), h, body, offset, length)
+        if len(data) != length:
+            raise BackendError(f"store {self.id}: {what}: got {len(data)} bytes")
+        return data
+
+    def _read_object(self, name: str, version: str, offset: int, length: int) -> bytes:
+        """A ranged GET of the image object itself (plain object or manifest)."""
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         if self._if_match:
             headers["If-Match"] = version
@@ -924,14 +1024,18 @@ class SwiftStore(Store):
             log.info("store %s: the server refuses If-Match on unchanged large objects (RGW); "
                      "checking the ETag of each response instead", self.id)
             self._if_match = False
-            return self.read_range(name, version, offset, length)
+            return self._read_object(name, version, offset, length)
         except OSError as e:
             raise BackendError(f"store {self.id}: {what}: {type(e).__name__}: {e}",
                                retryable=True) from None
         got = h.get("etag", "").strip('"')
         if got != version:
             raise Changed(f"{self.id}/{name} changed since it was opened (ETag {got})")
-        status = resp.get("status")
+        return self._ranged_body(what, resp.get("status"), h, body, offset, length)
+
+    def _ranged_body(self, what: str, status: Any, h: Mapping[str, str], body: bytes,
+                     offset: int, length: int) -> bytes:
+        """The bytes asked for, after checking status, Content-Range and body length."""
         if status == 200:  # the whole object: the server ignored the range
             if len(body) != int(h.get("content-length", len(body))):
                 raise BackendError(f"store {self.id}: {what}: short body")

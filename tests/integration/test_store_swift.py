@@ -32,7 +32,7 @@ from imagefs.stores.base import BackendError, Changed, NotFound, Store
 from imagefs.stores.swift import PENDING_PREFIX, SwiftStore
 from tests.backends.fixtures import swift_connection
 from tests.integration.test_common import make_file, sh, sha256
-from tests.mounting import IMAGEFS, Mount, tool, unmount
+from tests.mounting import IMAGEFS, Mount, daemon_pid, tool, unmount
 
 MiB = 1 << 20
 KINDS = ["swift", "rgw_swift"]
@@ -175,10 +175,14 @@ def test_read_of_a_replaced_image_is_changed(table: dict[str, Any],
     store = open_store(table)
     old = upload(store, "img.raw", pattern(9 * MiB, "old"))
     groups_before = assert_clean(table)
+    # this store has read the old version (from its segments), a fresh one has not
+    assert store.read_range("img.raw", old.version, 0, 10) == pattern(10, "old")
+    fresh = open_store(table)
     new = upload(store, "img.raw", pattern(9 * MiB, "new"))
     assert new.version != old.version
-    with pytest.raises(Changed):
-        store.read_range("img.raw", old.version, 5 * MiB, 4096)
+    for s in (store, fresh):
+        with pytest.raises(Changed):
+            s.read_range("img.raw", old.version, 5 * MiB, 4096)
     assert store.read_range("img.raw", new.version, 0, 10) == pattern(10, "new")
     groups_after = assert_clean(table)  # the replaced image's segments are gone
     assert len(groups_after) == 1 and not groups_after & groups_before
@@ -192,6 +196,33 @@ def test_read_of_a_replaced_image_is_changed(table: dict[str, Any],
     # an SLO replaced by a small plain image: its segments go too
     upload(store, "img.raw", b"tiny")
     assert assert_clean(table) == set()
+
+
+def test_foreign_slo_reads_through_its_manifest(
+        table: dict[str, Any], open_store: Callable[..., SwiftStore]) -> None:
+    """An SLO another client made (no segment group of ours) is read with ranged GETs of the
+    manifest; one whose segments do not add up to its ETag is not read from segments."""
+    conn = raw(table)
+    c, segc = table["container"], seg_container(table)
+    conn.put_container(c)
+    conn.put_container(segc)
+    parts = [pattern(3 * MiB, "f0"), pattern(2 * MiB + 7, "f1")]
+    manifest = []
+    for i, part in enumerate(parts):
+        etag = conn.put_object(segc, f"other/{i}", part)
+        manifest.append({"path": f"/{segc}/other/{i}", "etag": etag, "size_bytes": len(part)})
+    conn.put_object(c, "foreign.raw", json.dumps(manifest).encode(),
+                    query_string="multipart-manifest=put",
+                    headers={"X-Object-Meta-Imagefs-Segments": "other"})
+    conn.put_object(segc, "other/2", b"not part of it")  # the group no longer adds up
+    conn.close()
+    store = open_store(table)
+    info = store.stat("foreign.raw")
+    whole = b"".join(parts)
+    assert info.size == len(whole)
+    assert store.read_range("foreign.raw", info.version, 3 * MiB - 5, 10) == whole[3 * MiB - 5:
+                                                                                3 * MiB + 5]
+    assert store.read_range("foreign.raw", info.version, 0, len(whole)) == whole
 
 
 def test_abort_leaves_no_segments(table: dict[str, Any],
@@ -650,7 +681,7 @@ def test_multi_gib_image_is_an_slo(swift_store_table: dict[str, Any], mount_fact
         f.seek(0)
         for i in range(n):
             assert f.read(block) == blk(i), f"block {i}"
-    peak = _peak_rss(_daemon_pid(m))
+    peak = _peak_rss(daemon_pid(m))
     print(f"daemon peak RSS {peak / MiB:.0f} MiB")
     assert peak < MEMORY_BOUND, f"daemon peak RSS {peak / MiB:.0f} MiB for a 2 GiB image"
     p.unlink()
@@ -672,19 +703,12 @@ def _peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def _daemon_pid(m: Mount) -> int:
-    out = subprocess.run(["pgrep", "-f", f"imagefs mount {m.config}"], capture_output=True,
-                         text=True).stdout.split()
-    assert out, "daemon not found"
-    return int(out[0])
-
-
 def test_daemon_crash_mid_upload_is_cleaned_at_remount(
         swift_store_table: dict[str, Any], mount_factory: Any) -> None:
     table = swift_store_table
     m = mount_factory({"s": table})
     m.path("s", "kept.raw").write_bytes(pattern(9 * MiB, "kept"))
-    pid = _daemon_pid(m)
+    pid = daemon_pid(m)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*(13<<20)); f.flush();"
         "print('ready',flush=True); time.sleep(60)"), str(m.path("s", "crash.raw"))],
