@@ -197,17 +197,19 @@ class RbdUpload(Upload):
     def __init__(self, store: RbdStore, name: str, size_hint: int | None) -> None:
         self.store = store
         self.name = name
-        self.tmp = f"{HIDDEN_PREFIX}{_owner_tag()}-{secrets.token_hex(6)}"
+        tmp = f"{HIDDEN_PREFIX}{_owner_tag()}-{secrets.token_hex(6)}"
+        #: The hidden image's name; None once published (or removed): nothing left to clean.
+        self.tmp: str | None = tmp
         self.size = 0  # the logical size: what commit publishes
         self.capacity = size_hint or 0  # the image's actual size, ahead of ``size`` on growth
         self.image: Any = None
         rbd = store.rbd
         try:
-            rbd.RBD().create(store.ioctx, self.tmp, self.capacity)
+            rbd.RBD().create(store.ioctx, tmp, self.capacity)
         except Exception as e:
             raise _fail(e, f"{store.id}: cannot create upload image for {name}") from None
         try:
-            self.image = rbd.Image(store.ioctx, self.tmp)
+            self.image = rbd.Image(store.ioctx, tmp)
             # librbd keeps its cache writethrough until the first flush it sees
             # (rbd_cache_writethrough_until_flush): FUSE hands over 128 KiB writes, each then a
             # synchronous OSD round trip. An empty flush now switches to writeback; commit
@@ -293,8 +295,9 @@ class RbdUpload(Upload):
             created = _timestamp(img.create_timestamp())
             img.close()
             self.image = None
+            assert self.tmp is not None
             store._publish(self.tmp, self.name)
-            self.tmp = None  # type: ignore[assignment]  # published: nothing left to remove
+            self.tmp = None
         except Exception as e:
             self.abort()
             raise _fail(e, f"{store.id}/{self.name}: publish") from None
@@ -304,6 +307,8 @@ class RbdUpload(Upload):
         return info
 
     def _remove_tmp(self) -> None:
+        if self.tmp is None:
+            return
         try:
             self.store._remove_image(self.tmp)
         except NotFound:
@@ -319,9 +324,8 @@ class RbdUpload(Upload):
                 img.close()
             except Exception as e:
                 log.debug("%s: closing upload image %s: %s", self.store.id, self.tmp, e)
-        if self.tmp is not None:
-            self._remove_tmp()
-            self.tmp = None  # type: ignore[assignment]
+        self._remove_tmp()
+        self.tmp = None
 
 
 class RbdStore(Store):
