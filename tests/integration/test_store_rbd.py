@@ -229,6 +229,14 @@ def test_glance_layout_snapshot_and_location(
     out = tmp_path / "snap.raw"
     rbd(table, "export", "cirros.raw@snap", out)
     sh("cmp", src, out)
+    # replacing it: the new image comes with its own protected snap, the old one is gone
+    make_file(src, 3 * MiB + 5, "glance v2")
+    sh("cp", src, m.path("g", "cirros.raw"))
+    assert listed(table) == ["cirros.raw"]
+    assert rbd_json(table, "info", "cirros.raw@snap")["protected"] == "true"
+    out.unlink()
+    rbd(table, "export", "cirros.raw@snap", out)
+    sh("cmp", src, out)
     # rename keeps the snapshot; the location follows the name
     os.rename(m.path("g", "cirros.raw"), m.path("g", "cirros2.raw"))
     assert [s["name"] for s in rbd_json(table, "snap", "ls", "cirros2.raw")] == ["snap"]
