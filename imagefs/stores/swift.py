@@ -550,6 +550,9 @@ class SwiftStore(Store):
         self._cache: dict[str, tuple[tuple[Any, ...], ImageInfo, str | None]] = {}
         self._if_match = True
         self._segment_maps: dict[tuple[str, str], _SegmentMap | None] = {}
+        self._map_lock = threading.Lock()
+        #: name -> (version, size, segment group) of the last HEAD, for the segment map.
+        self._heads: dict[str, tuple[str, int, str | None]] = {}
         self._sc: Any = None
         self._ClientException: type[Exception] = Exception
 
@@ -802,7 +805,12 @@ class SwiftStore(Store):
     def _head(self, name: str, newest: bool = False) -> tuple[ImageInfo, str | None, bool]:
         headers = {"X-Newest": "true"} if newest else None
         h = self._call(f"{name}: HEAD", "head_object", self.container, name, headers=headers)
-        return self._info(name, h)
+        info, group, is_slo = self._info(name, h)
+        with self._lock:
+            if len(self._heads) >= 1024:
+                self._heads.pop(next(iter(self._heads)))
+            self._heads[name] = (info.version, info.size, group)
+        return info, group, is_slo
 
     def _group_of_existing(self, name: str) -> str | None:
         """The segment group of the image now called ``name``, if it is one of our SLOs."""
@@ -935,29 +943,48 @@ class SwiftStore(Store):
         with self._lock:
             if key in self._segment_maps:
                 return self._segment_maps[key]
-        info, group, _ = self._head(name)
-        if info.version != version:
-            raise Changed(f"{self.id}/{name} changed since it was opened")
-        smap: _SegmentMap | None = None
-        if group is not None:
-            entries = [o for page in self._iter_container(self.segment_container,
-                                                          prefix=group + "/") for o in page]
-            etags = [str(o.get("hash", "")).strip('"') for o in entries]
-            sizes = [int(o.get("bytes", -1)) for o in entries]
-            digest = hashlib.md5("".join(etags).encode(), usedforsecurity=False).hexdigest()
-            if entries and digest == version and sum(sizes) == info.size and min(sizes) > 0:
-                starts = [0]
-                for size in sizes[:-1]:
-                    starts.append(starts[-1] + size)
-                smap = _SegmentMap(starts, sizes, [o["name"] for o in entries], etags)
-            else:
-                log.debug("store %s: segments of %s do not add up to version %s; reading "
-                          "through the manifest", self.id, name, version)
-        with self._lock:
-            if len(self._segment_maps) >= 256:
-                self._segment_maps.pop(next(iter(self._segment_maps)))
-            self._segment_maps[key] = smap
-        return smap
+        # One thread builds it while the prefetchers of the same image wait: on RGW a HEAD of an
+        # SLO reads its segments' heads (0.2 s for 256 MiB), eight at once took 1.7 s each.
+        if not self._map_lock.acquire(timeout=self.timeout):
+            raise BackendError(f"store {self.id}: {name}: segment map busy for "
+                               f"{self.timeout:g}s", retryable=True)
+        try:
+            with self._lock:
+                if key in self._segment_maps:
+                    return self._segment_maps[key]
+                seen = self._heads.get(name)
+            if seen is None or seen[0] != version:  # stat() before open() usually saw it
+                info, group, _ = self._head(name)
+                if info.version != version:
+                    raise Changed(f"{self.id}/{name} changed since it was opened")
+                seen = (info.version, info.size, group)
+            smap = self._build_segment_map(name, version, size=seen[1], group=seen[2])
+            with self._lock:
+                if len(self._segment_maps) >= 256:
+                    self._segment_maps.pop(next(iter(self._segment_maps)))
+                self._segment_maps[key] = smap
+            return smap
+        finally:
+            self._map_lock.release()
+
+    def _build_segment_map(self, name: str, version: str, size: int, group: str | None
+                           ) -> _SegmentMap | None:
+        """The segment map if ``group``'s listing adds up to ``version`` and ``size``."""
+        if group is None:
+            return None
+        entries = [o for page in self._iter_container(self.segment_container,
+                                                      prefix=group + "/") for o in page]
+        etags = [str(o.get("hash", "")).strip('"') for o in entries]
+        sizes = [int(o.get("bytes", -1)) for o in entries]
+        digest = hashlib.md5("".join(etags).encode(), usedforsecurity=False).hexdigest()
+        if not entries or digest != version or sum(sizes) != size or min(sizes) <= 0:
+            log.debug("store %s: segments of %s do not add up to version %s; reading "
+                      "through the manifest", self.id, name, version)
+            return None
+        starts = [0]
+        for n in sizes[:-1]:
+            starts.append(starts[-1] + n)
+        return _SegmentMap(starts, sizes, [o["name"] for o in entries], etags)
 
     def _read_segments(self, name: str, smap: _SegmentMap, offset: int, length: int) -> bytes:
         total = smap.starts[-1] + smap.sizes[-1]
