@@ -13,7 +13,7 @@ Connection
     imported inside ``open()``: validating a config never needs them.
 
 Uploads
-    An upload is a hidden image ``.imagefs-<host>-<pid>-<pid start time>-<random>`` created in
+    An upload is a hidden image ``.imagefs-<owner id>`` (see ``owners.py``) created in
     the pool at open and written in place at any offset (capability ``random_write``, so
     ``writer.py`` never spools). The image grows geometrically ahead of the writes (a resize is a
     header update, not free) and is resized to the exact logical size at commit. librbd's cache
@@ -67,10 +67,6 @@ import calendar
 import concurrent.futures
 import errno
 import logging
-import os
-import re
-import secrets
-import socket
 import struct
 import time
 import urllib.parse
@@ -98,6 +94,7 @@ from imagefs.stores.base import (
     meta_mtime,
     user_meta,
 )
+from imagefs.stores.owners import new_owner_id, owner_state
 
 log = logging.getLogger(__name__)
 
@@ -119,29 +116,6 @@ GROW_ALIGN = 4 * MiB
 LIST_WORKERS = 8
 #: Attempts at publishing when another client publishes the same name at the same moment.
 PUBLISH_TRIES = 5
-
-
-def _host() -> str:
-    """This machine's name as it appears in upload names: no '-' (the field separator)."""
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:48] or "host"
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot, or None if it does not run.
-
-    With the pid it identifies a process, so a recycled pid is not taken for the writer.
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()[19]
-
-
-def _owner_tag() -> str:
-    pid = os.getpid()
-    return f"{_host()}-{pid}-{_start_time(pid) or 0}"
 
 
 def _errno(e: BaseException) -> int | None:
@@ -197,7 +171,7 @@ class RbdUpload(Upload):
     def __init__(self, store: RbdStore, name: str, size_hint: int | None) -> None:
         self.store = store
         self.name = name
-        tmp = f"{HIDDEN_PREFIX}{_owner_tag()}-{secrets.token_hex(6)}"
+        tmp = f"{HIDDEN_PREFIX}{new_owner_id()}"
         #: The hidden image's name; None once published (or removed): nothing left to clean.
         self.tmp: str | None = tmp
         self.size = 0  # the logical size: what commit publishes
@@ -671,7 +645,7 @@ class RbdStore(Store):
                 pass
             except Exception as e:
                 raise _fail(e, f"{self.id}: rename {src} -> {dst}") from None
-            aside = f"{HIDDEN_PREFIX}{_owner_tag()}-{secrets.token_hex(6)}{OLD_SUFFIX}"
+            aside = f"{HIDDEN_PREFIX}{new_owner_id()}{OLD_SUFFIX}"
             try:
                 image = self._open_image(dst, read_only=False)
             except NotFound:
@@ -763,12 +737,9 @@ class RbdStore(Store):
     # ------------------------------------------------------------------ housekeeping
     def _dead(self, name: str) -> bool:
         """True if the upload/aside image ``name`` belongs to a process that is gone."""
-        fields = name[len(HIDDEN_PREFIX):].split("-")
-        if len(fields) < 4:
-            return False
-        host, pid, start = fields[0], fields[1], fields[2]
-        if host == _host() and pid.isdigit():
-            return _start_time(int(pid)) != start
+        state = owner_state(name[len(HIDDEN_PREFIX):].removesuffix(OLD_SUFFIX))
+        if state != "elsewhere":
+            return state == "dead"
         if self.leftover_age <= 0:
             return False
         try:

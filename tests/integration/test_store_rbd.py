@@ -399,11 +399,12 @@ def test_killed_daemon_leftovers_removed_at_next_mount(
 def test_image_moved_aside_by_a_crashed_replace_is_restored(
         mount_factory: Any, rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
     """A crash between "rename old aside" and "rename new in" must not lose the old image."""
-    from imagefs.stores.rbd import RESTORE_KEY, _host
+    from imagefs.stores.owners import host
+    from imagefs.stores.rbd import RESTORE_KEY
 
     gone = subprocess.Popen(["true"])
     gone.wait()
-    aside = f".imagefs-{_host()}-{gone.pid}-0-deadbeef-old"
+    aside = f".imagefs-{host()}_{gone.pid}_0_deadbeef-old"
     src = tmp_path / "keep.raw"
     digest = make_file(src, 2 * MiB, "keep")
     rbd(rbd_store_table, "import", src, aside)
