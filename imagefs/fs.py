@@ -596,12 +596,15 @@ class ImageFS(pyfuse3.Operations):
         w = h.writer
         still_open = any(o.writer is w for o in self._handles.values()) if w else False
         if w is not None and not still_open:
-            if w.dirty and node.name is not None:
+            if w.dirty and node.name is not None and w.publish_error is None:
                 try:
                     await self._publish(h)
                 except Exception:
                     log.error("%s/%s: last close could not publish; the new bytes are discarded",
                               h.store.id, w.name)
+            elif w.dirty and node.name is not None:
+                log.error("%s/%s: publish failed at flush (%s); the new bytes are discarded",
+                          h.store.id, w.name, w.publish_error)
             await w.discard()
             if node.writer is w:
                 node.writer = None

@@ -79,6 +79,9 @@ class Writer:
         self.dirty = base is None
         self.size = base.size if base else 0
         self.published: ImageInfo | None = None
+        #: Why the last publish failed; cleared by the next change. The last close does not
+        #: retry a publish whose failure a flush already reported (it would fail the same way).
+        self.publish_error: BaseException | None = None
         self.direct = "random_write" in store.capabilities
         self._seeded = base is None
         self._lock = trio.Lock()
@@ -163,6 +166,7 @@ class Writer:
                 await self._write_spool(offset, data)
             self.size = max(self.size, end)
             self.dirty = True
+            self.publish_error = None
             return len(data)
 
     async def _write_direct(self, offset: int, data: bytes) -> None:
@@ -232,6 +236,7 @@ class Writer:
                 await bridge.local(os.ftruncate, self._spool, size)
             self.size = size
             self.dirty = True
+            self.publish_error = None
 
     # ---------------------------------------------------------------- streaming (spool mode)
     def _start_stream(self) -> None:
@@ -301,10 +306,14 @@ class Writer:
                 return None
             await self._ensure_seeded()
             meta = self._meta()
-            if self.direct:
-                info = await self._publish_direct(meta)
-            else:
-                info = await self._publish_spool(meta)
+            try:
+                if self.direct:
+                    info = await self._publish_direct(meta)
+                else:
+                    info = await self._publish_spool(meta)
+            except BaseException as e:
+                self.publish_error = e
+                raise
             self.base = self.published = info
             self.dirty = False
             self.mtime = None
