@@ -6,7 +6,8 @@ Layout
     ``<name>/<upload-id>/<NNNNNNNN>``; ``<name>`` is the image name with every character outside
     ``[A-Za-z0-9._-]`` replaced by ``_`` (RGW URL-decodes segment paths in SLO deletes, so a '%'
     in a segment name would orphan it) and an ``x`` in front of a leading ``_`` (RGW does not
-    find SLO segments named ``_...``); the upload id is ``<host>_<pid>_<starttime>_<random>``.
+    find SLO segments named ``_...``); the upload id is an owner id from ``owners.py``
+    (``<host>_<pid>_<starttime>_<random>``).
     The manifest records its segment group (``<name>/<upload-id>``) in
     ``X-Object-Meta-Imagefs-Segments``; copies (rename) keep it, so every imagefs operation can
     find an image's segments without reading the manifest (RGW cannot return SLO manifests).
@@ -19,9 +20,10 @@ Uploads
     writer goes on, so memory per upload stays at a few chunks whatever ``segment_size`` is; up to
     ``upload_concurrency`` segment PUTs are in flight. A segment whose writer stalls is closed
     early (the next bytes start a new segment) so the proxy never times the PUT out. Segment PUTs
-    use ``http.client`` with a socket timeout, because requests (under swiftclient) applies no
-    timeout to chunked uploads: a dead proxy must end in an error, never a hang. The SLO
-    manifest is PUT at commit: the only moment the image appears.
+    are chunked requests made with ``http.client``: the body is that queue, every socket call is
+    bounded by the store timeout (a dead proxy ends in an error, never a hang) and the returned
+    ETag must be the md5 of the bytes sent. The SLO manifest is PUT at commit: the only moment
+    the image appears.
 
 Leftovers
     Before an operation can orphan segments (an upload's first segment, replacing or deleting an
@@ -37,6 +39,9 @@ Versions and reads
     against the manifest object itself, so a correct If-Match fails with 412; on a 412 the store
     HEADs, and if the image is in fact unchanged it stops sending If-Match (logged once) and
     relies on the response ETag check, which is as atomic: headers and body come from one version.
+    SLOs imagefs wrote are read from their segments instead (the server resolves the manifest
+    on every ranged GET of an SLO, which halves RGW's speed): see ``_segment_map`` for why that
+    pins the version just as strictly.
 
 Listing
     A container listing has no user metadata (and on RGW no SLO sizes), so ``list()`` HEADs each
@@ -58,8 +63,6 @@ import logging
 import os
 import queue
 import re
-import secrets
-import socket
 import threading
 import time
 import urllib.parse
@@ -87,6 +90,7 @@ from imagefs.stores.base import (
     meta_mtime,
     user_meta,
 )
+from imagefs.stores.owners import new_owner_id, owner_state
 
 log = logging.getLogger(__name__)
 
@@ -143,36 +147,6 @@ def _resolved(options: Mapping[str, Any]) -> dict[str, Any]:
                                 or _env("OS_PROJECT_DOMAIN_NAME")),
         "region_name": options.get("region_name") or _env("OS_REGION_NAME"),
     }
-
-
-def _host() -> str:
-    return _UNSAFE.sub("-", socket.gethostname())[:63].strip("-") or "host"
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot): with the pid, it identifies a process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return fields[19].decode()
-    except (OSError, IndexError):
-        return None
-
-
-def _new_upload_id() -> str:
-    pid = os.getpid()
-    return f"{_host()}_{pid}_{_start_time(pid) or 0}_{secrets.token_hex(4)}"
-
-
-def _owner_state(upload_id: str) -> str:
-    """"alive", "dead" (this host, process gone) or "elsewhere" (another host: unknowable)."""
-    try:
-        host, pid, start, _rand = upload_id.rsplit("_", 3)
-    except ValueError:
-        return "elsewhere"
-    if host != _host() or not pid.isdigit():
-        return "elsewhere"
-    return "alive" if _start_time(int(pid)) == start else "dead"
 
 
 def _safe_name(name: str) -> str:
@@ -260,7 +234,7 @@ class SwiftUpload(Upload):
     def __init__(self, store: SwiftStore, name: str, size_hint: int | None) -> None:
         self.store = store
         self.name = name
-        self.uid = _new_upload_id()
+        self.uid = new_owner_id()
         self.group = f"{_safe_name(name)}/{self.uid}"
         self.size = 0
         self.small: list[bytes] | None = []
@@ -396,7 +370,7 @@ class SwiftUpload(Upload):
             self._check_failed()
             old_group = st._group_of_existing(self.name)
             if old_group is not None and old_group != self.group:
-                replace_uid = _new_upload_id()
+                replace_uid = new_owner_id()
                 st._put_marker(replace_uid, {"op": "replace", "image": self.name,
                                              "groups": [old_group]})
             if self.small is not None:
@@ -1097,7 +1071,7 @@ class SwiftStore(Store):
         target_group = self._group_of_existing(new)
         replace_uid = None
         if target_group is not None and target_group != _group:
-            replace_uid = _new_upload_id()
+            replace_uid = new_owner_id()
             self._put_marker(replace_uid, {"op": "replace", "image": new,
                                            "groups": [target_group]})
         source = "/" + urllib.parse.quote(self.container, safe="") + "/" + \
@@ -1124,63 +1098,37 @@ class SwiftStore(Store):
     def delete(self, name: str) -> None:
         self._writable()
         check_name(name)
-        _info, group, is_slo = self._head(name, newest=True)
+        info, group, is_slo = self._head(name, newest=True)
         if not is_slo:
             self._call(f"{name}: DELETE", "delete_object", self.container, name, write=True)
             self._forget(name)
             return
         uid = None
         if group is not None:
-            uid = _new_upload_id()
+            uid = new_owner_id()
             self._put_marker(uid, {"op": "delete", "image": name, "groups": [group]})
-        self._multipart_delete(name)
+        self._multipart_delete(name, info.version)
         if group is not None:
             self._delete_group(group)  # what the server's SLO delete missed, if anything
             assert uid is not None
             self._delete_quietly(self.segment_container, PENDING_PREFIX + uid)
         self._forget(name)
 
-    def _multipart_delete(self, name: str) -> None:
+    def _multipart_delete(self, name: str, version: str) -> None:
         """DELETE ?multipart-manifest=delete: the manifest and its segments, server-side.
 
-        The answer is 200 even when parts failed: its JSON body says what happened.
+        Servers answer 2xx even when part of it failed (the body, which swiftclient drops,
+        lists what): the caller sweeps our segment group afterwards, and a HEAD here makes
+        sure the manifest itself is gone (a different version there is someone else's image).
         """
-        quoted = "/" + urllib.parse.quote(self.container, safe="") + "/" + \
-            urllib.parse.quote(name, safe="")
-
-        def request(url: str, token: str, http_conn: Any = None, service_token: Any = None
-                    ) -> tuple[int, str, bytes]:
-            parsed, conn = http_conn
-            conn.request("DELETE", parsed.path + quoted + "?multipart-manifest=delete", "",
-                         {"X-Auth-Token": token, "Accept": "application/json"})
-            r = conn.getresponse()
-            body = r.read()
-            if r.status < 200 or r.status >= 300:
-                raise self._ClientException.from_response(r, "Object DELETE failed", body)
-            return r.status, r.reason, body
-
-        conn = self._conn()  # swiftclient has no call that returns this body: use its retry
+        self._call(f"{name}: DELETE (SLO)", "delete_object", self.container, name,
+                   query_string="multipart-manifest=delete", write=True)
         try:
-            _status, _reason, body = conn._retry(None, request)
-        except self._ClientException as e:
-            raise self._error(e, f"{name}: DELETE (SLO)", True) from None
-        except OSError as e:
-            raise BackendError(f"store {self.id}: {name}: DELETE (SLO): {e}",
-                               retryable=True) from None
-        finally:
-            if conn.token and conn.token != self._token:
-                self._url, self._token = conn.url, conn.token
-        try:
-            report = json.loads(body or b"{}")
-        except ValueError:
-            report = {}
-        errors = report.get("Errors") or []
-        status = str(report.get("Response Status", "200"))
-        if errors or not status.startswith(("200", "404")):
-            if status.startswith("404"):
-                raise NotFound(f"{self.id}/{name}")
-            raise BackendError(f"store {self.id}: {name}: SLO delete: {status}: "
-                               f"{errors[:3]}")
+            still = self._head(name, newest=True)[0].version == version
+        except NotFound:
+            return
+        if still:
+            raise BackendError(f"store {self.id}: {name}: the SLO delete left the manifest")
 
     def set_meta(self, name: str, meta: Mapping[str, str]) -> ImageInfo:
         """POST replaces all user metadata: merge with what HEAD says first."""
@@ -1217,7 +1165,7 @@ class SwiftStore(Store):
             for entry in page:
                 mname = entry.get("name", "")
                 uid = mname[len(PENDING_PREFIX):]
-                state = _owner_state(uid)
+                state = owner_state(uid)
                 if state == "alive":
                     continue
                 try:

@@ -223,6 +223,14 @@ def test_foreign_slo_reads_through_its_manifest(
     assert store.read_range("foreign.raw", info.version, 3 * MiB - 5, 10) == whole[3 * MiB - 5:
                                                                                 3 * MiB + 5]
     assert store.read_range("foreign.raw", info.version, 0, len(whole)) == whole
+    conn = raw(table)
+    conn.delete_object(segc, "other/2")
+    conn.put_object(c, "pure.raw", json.dumps(manifest).encode(),  # names no group at all
+                    query_string="multipart-manifest=put")
+    assert store.read_range("pure.raw", info.version, 5 * MiB, 99) == whole[5 * MiB:]
+    store.delete("pure.raw")  # only the server's SLO delete can remove the segments it names
+    assert listing(conn, c) == ["foreign.raw"] and listing(conn, segc) == []
+    conn.close()
 
 
 def test_abort_leaves_no_segments(table: dict[str, Any],
