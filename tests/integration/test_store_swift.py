@@ -576,8 +576,11 @@ def test_secrets_stay_out_of_logs_properties_and_locations(
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)["stores"][0]["properties"]
     assert row["container"] == swift_store_table["container"] and row["images"] == 1
+    token = store._token  # the mount's own token is another one: no secret may show
+    assert token
     for text in (loc, r.stdout, json.dumps(store.properties()), m.log_text()):
-        assert key not in text
+        assert key not in text and token not in text
+        assert "AUTH_tk" not in text and "AUTH_rgwtk" not in text
 
 
 # ------------------------------------------------------------------------------- mounts
