@@ -9,9 +9,11 @@ Layout
     find SLO segments named ``_...``); the upload id is an owner id from ``owners.py``
     (``<host>_<pid>_<starttime>_<random>``).
     The manifest records its segment group (``<name>/<upload-id>``) in
-    ``X-Object-Meta-Imagefs-Segments``; copies (rename) keep it, so every imagefs operation can
-    find an image's segments without reading the manifest (RGW cannot return SLO manifests).
-    mtime, mode and Glance's hashes are ``X-Object-Meta-*`` headers.
+    ``X-Object-Meta-Imagefs-Segments``, and the SLO's size and ETag in ``-Imagefs-Size`` and
+    ``-Imagefs-Etag``; copies (rename) keep them, so every imagefs operation can find an image's
+    segments without reading the manifest (RGW cannot return SLO manifests) and a HEAD of the
+    manifest alone describes the image (see ``_head_headers``). mtime, mode and Glance's hashes
+    are ``X-Object-Meta-*`` headers.
 
 Uploads
     Writes arrive in order (no ``random_write``: ``writer.py`` spools otherwise). The first
