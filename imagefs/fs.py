@@ -342,7 +342,10 @@ class ImageFS(pyfuse3.Operations):
                 if fields.update_mtime:
                     w.mtime = attr.st_mtime_ns / 1e9
             elif node.name is not None:
-                info = await bridge.call(store, store.set_meta, node.name, meta)
+                # S3 rewrites metadata by copying the object: as long as a commit may take.
+                info = await bridge.call(store, store.set_meta, node.name, meta,
+                                         timeout=store.timeout
+                                         * self.settings.writer.commit_timeout_factor)
                 self.catalogs[store.id].put(info)
                 node.extra["info"] = info
                 if w is not None:
@@ -709,7 +712,8 @@ class ImageFS(pyfuse3.Operations):
         store = self.stores[node.store_id]
         if self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
-        info = await bridge.call(store, store.set_meta, node.name, {key: _decode(value)})
+        info = await bridge.call(store, store.set_meta, node.name, {key: _decode(value)},
+                                 timeout=store.timeout * self.settings.writer.commit_timeout_factor)
         self.catalogs[store.id].put(info)
         node.extra["info"] = info
 

@@ -28,7 +28,8 @@ Copies
 Leftovers
     At mount, multipart uploads and completed hidden objects under the prefix whose owner is
     gone (this host, process dead) are removed; those of other hosts once older than
-    ``leftover_age``.
+    ``leftover_age``, as are multipart copies onto image keys (a crash during the rename or
+    metadata change of a large image) older than that.
 
 Errors
     botocore's own retry configuration ("standard" mode) retries what is safe; each attempt is
@@ -106,6 +107,14 @@ def _decode_meta(meta: Mapping[str, str]) -> dict[str, str]:
     return {k.lower().replace("-", "_"): v for k, v in meta.items()}
 
 
+def _rgw_copy_if_match(request: Any, **_: Any) -> None:
+    """Ceph RGW ignores ``x-amz-copy-source-if-match`` on CopyObject but honours its own
+    ``x-amz-copy-if-match``: send both, so the copy is pinned to the version on either."""
+    value = request.headers.get("x-amz-copy-source-if-match")
+    if value is not None and "x-amz-copy-if-match" not in request.headers:
+        request.headers["x-amz-copy-if-match"] = value
+
+
 def _part_size_for(base: int, number: int) -> int:
     """Size of part ``number`` (1-based): doubling every tier keeps 10,000 parts enough."""
     return min(MAX_PART, base << ((number - 1) // PARTS_PER_TIER))
@@ -136,9 +145,9 @@ class _Part:
     def full(self) -> bool:
         return self.length >= self.size
 
-    def body(self) -> bytes | IO[bytes]:
+    def body(self) -> bytearray | IO[bytes]:
         if self._mem is not None:
-            return bytes(self._mem)
+            return self._mem  # botocore takes a bytearray as it is: no second copy of the part
         assert self._file is not None
         self._file.seek(0)
         return self._file
@@ -163,7 +172,13 @@ class _Part:
 
 
 class S3Upload(Upload):
-    """A new image streaming into a hidden multipart upload (or one PUT if it stays small)."""
+    """A new image streaming into a hidden multipart upload (or one PUT if it stays small).
+
+    ``write`` and ``commit`` hold ``_mutex`` while they run. ``abort`` may come from another
+    thread while an abandoned ``write`` still runs (the bridge gives up on slow calls): it marks
+    the upload dead first, which every wait in ``write`` checks, then takes the mutex, so no
+    part or multipart upload is created after an abort.
+    """
 
     def __init__(self, store: S3Store, name: str, size_hint: int | None) -> None:
         self.store = store
@@ -179,12 +194,20 @@ class S3Upload(Upload):
         self.pending: list[concurrent.futures.Future[None]] = []
         self.failed: BaseException | None = None
         self.finished = False
+        self.dead = False
         self._slots = threading.Semaphore(store.upload_concurrency)
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+        self._mutex = threading.Lock()
 
     def _what(self) -> str:
         return f"{self.store.id}/{self.name}"
+
+    def _alive(self) -> None:
+        if self.dead or self.finished:
+            raise BackendError(f"{self._what()}: upload already finished")
+        if self.failed is not None:
+            raise BackendError(f"{self._what()}: part upload failed: {self.failed}")
 
     def _new_part(self) -> _Part:
         self.parts_made += 1
@@ -195,44 +218,48 @@ class S3Upload(Upload):
         return _Part(number, size, self.store._part_in_memory(size))
 
     def write(self, offset: int, data: bytes) -> None:
-        if self.finished:
-            raise BackendError(f"{self._what()}: upload already finished")
-        if offset != self.pos:
-            raise BackendError(f"{self._what()}: S3 uploads take writes in order "
-                               f"(got offset {offset}, expected {self.pos})")
-        self._check_failed()
-        view = memoryview(data)
-        while view:
-            if self.part is None:
-                self.part = self._new_part()
-            view = view[self.part.add(view):]
-            if self.part.full:
-                part, self.part = self.part, None
-                self._send(part)
-        self.pos += len(data)
-
-    def _check_failed(self) -> None:
-        if self.failed is not None:
-            raise BackendError(f"{self._what()}: part upload failed: {self.failed}")
+        with self._mutex:
+            self._alive()
+            if offset != self.pos:
+                raise BackendError(f"{self._what()}: S3 uploads take writes in order "
+                                   f"(got offset {offset}, expected {self.pos})")
+            view = memoryview(data)
+            while view:
+                self._alive()
+                if self.part is None:
+                    self.part = self._new_part()
+                view = view[self.part.add(view):]
+                if self.part.full:
+                    part, self.part = self.part, None
+                    self._send(part)
+            self.pos += len(data)
 
     def _send(self, part: _Part) -> None:
-        """Hand a full part to the pool; blocks while ``upload_concurrency`` parts are in flight."""
-        if self.upload_id is None:
-            self.upload_id = self.store._create_multipart(self.hidden, {})
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                self.store.upload_concurrency, thread_name_prefix=f"s3-{self.store.id}")
-        deadline = time.monotonic() + self.store.timeout * 4
-        while not self._slots.acquire(timeout=0.5):
-            self._check_failed()
-            if time.monotonic() > deadline:
-                part.release()
-                raise BackendError(f"{self._what()}: part uploads stalled")
-        fut = self._pool.submit(self._upload_part, part)
-        self.pending.append(fut)
+        """Hand a full part to the pool; blocks while ``upload_concurrency`` parts are in flight.
+
+        The wait is shorter than the caller's deadline, so a stalled backend surfaces here as
+        an error instead of an abandoned thread.
+        """
+        try:
+            if self.upload_id is None:
+                self.upload_id = self.store._create_multipart(self.hidden, {})
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.store.upload_concurrency, thread_name_prefix=f"s3-{self.store.id}")
+            deadline = time.monotonic() + self.store.timeout * 0.9
+            while not self._slots.acquire(timeout=0.25):
+                self._alive()
+                if time.monotonic() > deadline:
+                    raise BackendError(f"{self._what()}: part uploads stalled")
+        except BaseException:
+            part.release()
+            raise
+        self.pending.append(self._pool.submit(self._upload_part, part))
 
     def _upload_part(self, part: _Part) -> None:
         try:
+            if self.dead:
+                return
             etag = self.store._upload_part(self.hidden, self.upload_id or "", part)
             with self._lock:
                 self.etags[part.number] = etag
@@ -244,52 +271,67 @@ class S3Upload(Upload):
             self._slots.release()
 
     def _wait_parts(self) -> None:
-        done, _ = concurrent.futures.wait(self.pending)
+        """Wait for the parts in flight, no longer than each could take with its retries."""
+        _, late = concurrent.futures.wait(self.pending, timeout=self.store.part_deadline)
+        if late:
+            raise BackendError(f"{self._what()}: {len(late)} part upload(s) did not finish")
         self.pending = []
-        self._check_failed()
+        self._alive()
 
     def flush(self) -> None:
         """Parts sent so far are stored; the tail stays buffered (S3 needs 5 MiB per part)."""
-        self._wait_parts()
+        with self._mutex:
+            self._wait_parts()
 
     def commit(self, meta: Mapping[str, str]) -> ImageInfo:
-        if self.finished:
-            raise BackendError(f"{self._what()}: upload already finished")
-        store = self.store
-        try:
-            if self.upload_id is None:
-                part = self.part or _Part(1, 0, True)
-                self.part = None
-                info = store._put_small(self.name, part, meta)
-            else:
-                if self.part is not None and self.part.length:
-                    part, self.part = self.part, None
-                    self._send(part)
-                self._wait_parts()
-                store._complete(self.hidden, self.upload_id, self.etags, self.pos)
-                self.upload_id = None
-                info = store._copy(self.hidden, self.key, meta, None, self.pos)
-                store._delete_key_quietly(self.hidden)
-        except BaseException:
-            self.abort()
-            raise
-        self._close_pool()
-        self.finished = True
-        if info.size != self.pos:
-            raise BackendError(f"{self._what()}: published {info.size} bytes, wrote {self.pos}")
-        return info
+        with self._mutex:
+            self._alive()
+            store = self.store
+            try:
+                if self.upload_id is None:
+                    part = self.part or _Part(1, 0, True)
+                    self.part = None
+                    info = store._put_small(self.name, part, meta)
+                else:
+                    if self.part is not None and self.part.length:
+                        part, self.part = self.part, None
+                        self._send(part)
+                    self._wait_parts()
+                    store._complete(self.hidden, self.upload_id, self.etags, self.pos)
+                    self.upload_id = None
+                    info = store._copy(self.hidden, self.key, meta, None, self.pos,
+                                       publishing=True)
+                    store._delete_key_quietly(self.hidden)
+            except BaseException:
+                self._abort_locked()
+                raise
+            self._close_pool()
+            self.finished = True
+            return info
 
     def _close_pool(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
     def abort(self) -> None:
+        self.dead = True
+        if not self._mutex.acquire(timeout=self.store.part_deadline):
+            log.warning("%s: abort gave up waiting for a stuck writer; the upload is left "
+                        "for the next mount's cleanup", self._what())
+            return
+        try:
+            self._abort_locked()
+        finally:
+            self._mutex.release()
+
+    def _abort_locked(self) -> None:
+        self.dead = True
         self.finished = True
         if self.part is not None:
             self.part.release()
             self.part = None
-        concurrent.futures.wait(self.pending)
+        concurrent.futures.wait(self.pending, timeout=self.store.part_deadline)
         self.pending = []
         self._close_pool()
         if self.upload_id is not None:
@@ -330,7 +372,11 @@ class S3Store(Store):
         self.upload_concurrency: int = o["upload_concurrency"]
         self.upload_memory: int = o["upload_memory"]
         self.copy_threshold: int = o["multipart_copy_threshold"]
+        #: The longest one request may take with botocore's retries: bounds every wait.
+        self.part_deadline: float = self.timeout * (o["max_attempts"] + 1)
         self._concurrency: int = cfg.concurrency or self.default_concurrency
+        #: DeleteObject with If-Match: AWS has it; other services may refuse the header.
+        self._conditional_delete = not o.get("endpoint_url")
         self._client: Any = None
         self._heads: dict[str, tuple[tuple[Any, ...], ImageInfo]] = {}
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -394,6 +440,8 @@ class S3Store(Store):
         verify: bool | str = o.get("ca_bundle") or o["verify_tls"]
         self._client = session.client("s3", endpoint_url=o.get("endpoint_url"), config=config,
                                       verify=verify)
+        if o.get("endpoint_url"):
+            self._client.meta.events.register("before-sign.s3.CopyObject", _rgw_copy_if_match)
         self._pool = concurrent.futures.ThreadPoolExecutor(
             self._concurrency, thread_name_prefix=f"s3-head-{self.id}")
         try:
@@ -405,6 +453,8 @@ class S3Store(Store):
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+        if self._client is not None:
+            self._client.close()
 
     @property
     def s3(self) -> Any:
@@ -418,6 +468,8 @@ class S3Store(Store):
     def _error(self, e: BaseException, what: str, write: bool = False) -> Exception:
         """Map a botocore/urllib3 failure to the store errors the FUSE layer understands."""
         code, status = _code(e)  # type: ignore[arg-type]
+        if code in ("NoSuchBucket", "NoSuchUpload"):
+            return BackendError(f"{what}: {code}")
         if code in ("NoSuchKey", "NotFound", "404") or status == 404:
             return NotFound(what)
         if code in ("PreconditionFailed",) or status == 412:
@@ -469,15 +521,17 @@ class S3Store(Store):
         """Listings carry no metadata, so each entry is HEADed, in parallel, and remembered by
         (ETag, LastModified, Size): a metadata change rewrites the object and changes the key."""
         assert self._pool is not None
+        heads = self._heads  # another listing may replace it meanwhile
         seen: dict[str, tuple[tuple[Any, ...], ImageInfo]] = {}
         batch: list[tuple[str, tuple[Any, ...]]] = []
 
         def flush() -> Iterator[ImageInfo]:
-            todo = [(n, k) for n, k in batch
-                    if n not in self._heads or self._heads[n][0] != k]
-            futs = {n: self._pool.submit(self._head_quietly, n) for n, _ in todo}  # type: ignore[union-attr]
+            known = {n: heads[n][1] for n, k in batch if n in heads and heads[n][0] == k}
+            futs = {n: self._pool.submit(self._head_quietly, n)  # type: ignore[union-attr]
+                    for n, _ in batch if n not in known}
             for n, k in batch:
-                info = futs[n].result() if n in futs else self._heads[n][1]
+                info = (futs[n].result(timeout=self.part_deadline) if n in futs
+                        else known[n])
                 if info is not None:
                     seen[n] = (k, info)
                     yield info
@@ -499,10 +553,14 @@ class S3Store(Store):
         self._heads = seen
 
     def _head_quietly(self, name: str) -> ImageInfo | None:
+        """One object's facts, or None: one unreadable object must not fail the listing."""
         try:
             return self.stat(name)
         except NotFound:
             return None  # deleted between listing and HEAD
+        except (BackendError, ReadOnly, InvalidName) as e:
+            log.warning("%s/%s: left out of the listing: %s", self.id, name, e)
+            return None
 
     def read_range(self, name: str, version: str, offset: int, length: int) -> bytes:
         if length <= 0:
@@ -516,7 +574,10 @@ class S3Store(Store):
             code, status = _code(e)  # type: ignore[arg-type]
             if code == "InvalidRange" or status == 416:
                 return b""  # at or past the end
-            raise self._error(e, what) from None
+            err = self._error(e, what)
+            if isinstance(err, NotFound):  # deleted under an open reader: not ENOENT on read(2)
+                raise Changed(f"{what} was deleted since it was opened") from None
+            raise err from None
         body = r["Body"]
         try:
             if _etag(r.get("ETag")) != version:
@@ -606,34 +667,74 @@ class S3Store(Store):
 
     def _put_small(self, name: str, part: _Part, meta: Mapping[str, str]) -> ImageInfo:
         key = self._key(name)
-        md5 = part.content_md5()
-        r = self._call(f"{self.id}/{name}", "put_object", write=True, Key=key, Body=part.body(),
-                       ContentLength=part.length, ContentMD5=md5, Metadata=_encode_meta(meta))
-        part.release()
-        return self._check_published(name, _etag(r.get("ETag")), part.length)
+        try:
+            md5 = part.content_md5()
+            r = self._call(f"{self.id}/{name}", "put_object", write=True, Key=key,
+                           Body=part.body(), ContentLength=part.length, ContentMD5=md5,
+                           Metadata=_encode_meta(meta))
+        finally:
+            part.release()
+        return self._check_published(name, _etag(r.get("ETag")), part.length, meta)
 
-    def _check_published(self, name: str, etag: str, size: int) -> ImageInfo:
-        """HEAD what was just published, pinned to its ETag, and check its length."""
-        head = self._call(f"{self.id}/{name}", "head_object", Key=self._key(name),
-                          **({"IfMatch": f'"{etag}"'} if etag else {}))
+    def _check_published(self, name: str, etag: str, size: int,
+                         meta: Mapping[str, str] | None = None) -> ImageInfo:
+        """HEAD what was just published, pinned to its ETag, and check its length.
+
+        With ``meta`` (this process's own upload, whose length was checked before it became
+        visible) a failing HEAD is only logged: failing the commit then would report an error
+        for an image that is in fact published.
+        """
+        try:
+            head = self._call(f"{self.id}/{name}", "head_object", Key=self._key(name),
+                              **({"IfMatch": f'"{etag}"'} if etag else {}))
+        except (NotFound, Changed, BackendError) as e:
+            if meta is None:
+                raise
+            log.warning("%s/%s: published; the confirming HEAD failed: %s", self.id, name, e)
+            decoded = _decode_meta(_encode_meta(meta))
+            return ImageInfo(name=name, size=size, mtime=meta_mtime(decoded, time.time()),
+                             mode=meta_mode(decoded), version=etag, meta=decoded)
         info = self._info(name, head)
         if info.size != size:
             raise BackendError(f"{self.id}/{name}: holds {info.size} bytes, expected {size}")
         return info
 
     # ------------------------------------------------------------------ server-side copies
-    def _copy(self, src_key: str, dst_key: str, meta: Mapping[str, str], etag: str | None,
-              size: int) -> ImageInfo:
-        """Copy ``src_key`` to ``dst_key`` with ``meta`` replacing its metadata, atomically."""
+    def _head_raw(self, key: str) -> Mapping[str, Any]:
+        return self._call(f"{self.id}: {key}", "head_object", Key=key)
+
+    def _same_source(self, key: str, pinned: Mapping[str, Any]) -> bool:
+        """True if ``key`` still holds the object of HEAD ``pinned`` (ETag and LastModified:
+        a same-size replacement with the same ETag is impossible, a metadata copy changes the
+        time)."""
+        try:
+            now = self._head_raw(key)
+        except NotFound:
+            return False
+        return (_etag(now.get("ETag")), now.get("LastModified")) == \
+            (_etag(pinned.get("ETag")), pinned.get("LastModified"))
+
+    def _copy(self, src_key: str, dst_key: str, meta: Mapping[str, str],
+              pinned: Mapping[str, Any] | None, size: int, publishing: bool = False
+              ) -> ImageInfo:
+        """Copy ``src_key`` to ``dst_key`` with ``meta`` replacing its metadata, atomically.
+
+        ``pinned`` is the source's HEAD: the copy must be of that version. CopyObject sends
+        If-Match for it (RGW honours its own header name, mirrored by ``_rgw_copy_if_match``);
+        UploadPartCopy conditions are ignored by RGW, so a multipart copy re-checks the source
+        after the last part and aborts instead of completing a mix of two versions.
+        """
         name = dst_key[len(self.prefix):]
         what = f"{self.id}: copy {src_key} -> {dst_key}"
         source = {"Bucket": self.bucket, "Key": src_key}
+        etag = _etag(pinned.get("ETag")) if pinned else ""
         cond = {"CopySourceIfMatch": f'"{etag}"'} if etag else {}
+        own = meta if publishing else None
         if size <= self.copy_threshold:
             r = self._call(what, "copy_object", write=True, Key=dst_key, CopySource=source,
                            MetadataDirective="REPLACE", Metadata=_encode_meta(meta), **cond)
             new = _etag((r.get("CopyObjectResult") or {}).get("ETag"))
-            return self._check_published(name, new, size)
+            return self._check_published(name, new, size, own)
         upload_id = self._create_multipart(dst_key, meta)
         try:
             step = max(self.copy_threshold, -(-size // 9000))
@@ -648,19 +749,30 @@ class S3Store(Store):
 
             with concurrent.futures.ThreadPoolExecutor(self.upload_concurrency) as pool:
                 parts = list(pool.map(lambda a: copy_part(*a), ranges))
+            if pinned is not None and not self._same_source(src_key, pinned):
+                raise Changed(f"{self.id}/{src_key[len(self.prefix):]} changed while it was "
+                              "being copied")
             r = self._call(what, "complete_multipart_upload", write=True, Key=dst_key,
                            UploadId=upload_id, MultipartUpload={"Parts": parts})
         except BaseException:
             self._abort_multipart(dst_key, upload_id)
             raise
-        return self._check_published(name, _etag(r.get("ETag")), size)
+        return self._check_published(name, _etag(r.get("ETag")), size, own)
 
     def rename(self, old: str, new: str) -> ImageInfo:
+        """Server-side copy, then delete the source only if it is still what was copied: a
+        source replaced meanwhile is kept (and the rename reported as failed), never lost."""
         self._writable()
         check_name(new)
-        src = self.stat(old)
-        info = self._copy(self._key(old), self._key(new), src.meta, src.version, src.size)
-        self._call(f"{self.id}/{old}", "delete_object", write=True, Key=self._key(old))
+        src_key = self._key(old)
+        pinned = self._head_raw(src_key)
+        src = self._info(old, pinned)
+        info = self._copy(src_key, self._key(new), src.meta, pinned, src.size)
+        if not self._same_source(src_key, pinned):
+            raise Changed(f"{self.id}/{old} was replaced during the rename; {new} holds the "
+                          "version that was renamed and the new one stays under the old name")
+        self._call(f"{self.id}/{old}", "delete_object", write=True, Key=src_key,
+                   **({"IfMatch": f'"{src.version}"'} if self._conditional_delete else {}))
         return ImageInfo(name=new, size=info.size, mtime=info.mtime, mode=info.mode,
                          version=info.version, meta=info.meta)
 
@@ -672,11 +784,12 @@ class S3Store(Store):
     def set_meta(self, name: str, meta: Mapping[str, str]) -> ImageInfo:
         """S3 metadata is fixed at creation: replace it by copying the object onto itself."""
         self._writable()
-        cur = self.stat(name)
+        pinned = self._head_raw(self._key(name))
+        cur = self._info(name, pinned)
         merged = {**cur.meta, **meta}
         if META_MODE in merged:
             merged[META_MODE] = f"{int(merged[META_MODE], 8) & 0o7777:o}"
-        return self._copy(self._key(name), self._key(name), merged, cur.version, cur.size)
+        return self._copy(self._key(name), self._key(name), merged, pinned, cur.size)
 
     # ------------------------------------------------------------------ leftovers
     def cleanup_leftovers(self) -> int:
@@ -694,13 +807,23 @@ class S3Store(Store):
             age = now - when.timestamp() if when is not None else 0.0
             return state == "elsewhere" and age > self.options["leftover_age"]
 
+        def stale_copy(key: str, when: Any) -> bool:
+            """A multipart copy onto an image's own key (rename, metadata change of a large
+            image) whose process died: nothing names its owner, so only age condemns it."""
+            name = key[len(self.prefix):]
+            if "/" in name or when is None:
+                return False
+            return now - when.timestamp() > self.options["leftover_age"]
+
         pages = self.s3.get_paginator("list_multipart_uploads").paginate(
-            Bucket=self.bucket, Prefix=tag)
+            Bucket=self.bucket, Prefix=self.prefix)
         try:
             for page in pages:
                 for up in page.get("Uploads") or ():
-                    if condemned(up["Key"], up.get("Initiated")):
-                        self._abort_multipart(up["Key"], up["UploadId"])
+                    key, when = up["Key"], up.get("Initiated")
+                    if (condemned(key, when) if key.startswith(tag)
+                            else stale_copy(key, when)):
+                        self._abort_multipart(key, up["UploadId"])
                         removed += 1
         except Exception as e:
             raise self._error(e, f"store {self.id}: listing uploads") from None
@@ -725,7 +848,8 @@ class S3Store(Store):
     def properties(self) -> dict[str, str]:
         props = {"bucket": self.bucket, "prefix": self.prefix}
         if self.options.get("endpoint_url"):
-            props["endpoint_url"] = self.options["endpoint_url"]
+            parts = urlsplit(self.options["endpoint_url"])
+            props["endpoint_url"] = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
         if self.options.get("region"):
             props["region"] = self.options["region"]
         return props

@@ -282,3 +282,38 @@ def test_frozen_endpoint_ends_in_eio_not_hang(mount_factory: Any, ceph: Any, s3_
         print(f"frozen endpoint: read failed with EIO after {took:.1f} s")
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("threshold", ["5GiB", "5MiB"], ids=["copy", "multipart-copy"])
+def test_copies_are_pinned_to_the_source_version(ceph: Any, s3_bucket: str, tmp_path: Path,
+                                                 threshold: str) -> None:
+    """A server-side copy (rename, metadata change) of a version that was replaced meanwhile
+    fails with Changed and publishes nothing: RGW ignores the standard copy conditions, so the
+    store mirrors If-Match for CopyObject and re-checks the source before completing a
+    multipart copy."""
+    from imagefs import config
+    from imagefs.stores import build
+    from imagefs.stores.base import Changed
+    from tests.mounting import write_config
+
+    table = s3_table(ceph, s3_bucket, tmp_path, multipart_copy_threshold=threshold)
+    store = build(config.load(write_config(tmp_path, {"s": table})).stores[0])
+    store.open()
+    try:
+        s3 = s3_client(ceph)
+        s3.put_object(Bucket=s3_bucket, Key="a.raw", Body=b"o" * (12 * MiB))
+        pinned = s3.head_object(Bucket=s3_bucket, Key="a.raw")
+        time.sleep(1.1)
+        s3.put_object(Bucket=s3_bucket, Key="a.raw", Body=b"n" * (12 * MiB))
+        with pytest.raises(Changed):
+            store._copy("a.raw", "b.raw", {}, pinned, 12 * MiB)
+        assert [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]] == ["a.raw"]
+        assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+        # an unchanged source copies, and rename removes it
+        info = store.rename("a.raw", "c.raw")
+        assert info.size == 12 * MiB
+        body = s3.get_object(Bucket=s3_bucket, Key="c.raw")["Body"].read()
+        assert body == b"n" * (12 * MiB)
+        assert [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]] == ["c.raw"]
+    finally:
+        store.close()
