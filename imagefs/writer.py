@@ -82,6 +82,9 @@ class Writer:
         #: Why the last publish failed; cleared by the next change. The last close does not
         #: retry a publish whose failure a flush already reported (it would fail the same way).
         self.publish_error: BaseException | None = None
+        #: A write or truncate that failed (or timed out, its thread possibly still running)
+        #: leaves the pending image with unknown content: it must never be published.
+        self.poisoned: BaseException | None = None
         self.direct = "random_write" in store.capabilities
         self._seeded = base is None
         self._lock = trio.Lock()
@@ -160,10 +163,14 @@ class Writer:
         async with self._lock:
             await self._ensure_seeded()
             end = offset + len(data)
-            if self.direct:
-                await self._write_direct(offset, data)
-            else:
-                await self._write_spool(offset, data)
+            try:
+                if self.direct:
+                    await self._write_direct(offset, data)
+                else:
+                    await self._write_spool(offset, data)
+            except BaseException as e:
+                self.poisoned = self.poisoned or e
+                raise
             self.size = max(self.size, end)
             self.dirty = True
             self.publish_error = None
@@ -219,24 +226,31 @@ class Writer:
 
     async def truncate(self, size: int) -> None:
         async with self._lock:
-            await self._ensure_seeded()
-            if self.direct:
-                if self._upload is None:
-                    self._upload = await self._new_upload()
-                await bridge.call(self.store, self._upload.truncate, size)
-                self._extent = min(self._extent, size)
-                if size < self._hasher.offset:
-                    self._hash_ok = False
-            else:
-                if self._spool is None:
-                    self._spool = await bridge.local(self._open_spool)
-                if size < self._hw:
-                    self._sequential = False
-                    self._hw = size
-                await bridge.local(os.ftruncate, self._spool, size)
-            self.size = size
-            self.dirty = True
-            self.publish_error = None
+            try:
+                await self._truncate(size)
+            except BaseException as e:
+                self.poisoned = self.poisoned or e
+                raise
+
+    async def _truncate(self, size: int) -> None:
+        await self._ensure_seeded()
+        if self.direct:
+            if self._upload is None:
+                self._upload = await self._new_upload()
+            await bridge.call(self.store, self._upload.truncate, size)
+            self._extent = min(self._extent, size)
+            if size < self._hasher.offset:
+                self._hash_ok = False
+        else:
+            if self._spool is None:
+                self._spool = await bridge.local(self._open_spool)
+            if size < self._hw:
+                self._sequential = False
+                self._hw = size
+            await bridge.local(os.ftruncate, self._spool, size)
+        self.size = size
+        self.dirty = True
+        self.publish_error = None
 
     # ---------------------------------------------------------------- streaming (spool mode)
     def _start_stream(self) -> None:
@@ -304,6 +318,9 @@ class Writer:
         async with self._lock:
             if not self.dirty:
                 return None
+            if self.poisoned is not None:
+                raise BackendError(f"{self.store.id}/{self.name}: not published: an earlier "
+                                   f"write failed ({self.poisoned})")
             await self._ensure_seeded()
             meta = self._meta()
             try:
@@ -331,8 +348,7 @@ class Writer:
         hash_ok = self._hash_ok
 
         def finish() -> ImageInfo:
-            if self._extent < size:
-                up.truncate(size)
+            up.truncate(size)  # the writer's size is the truth, whatever the upload counted
             hasher = h
             if hash_ok and h.offset <= size:
                 h.update_zeros(size - h.offset)

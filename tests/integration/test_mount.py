@@ -274,3 +274,30 @@ def test_daemon_crash_keeps_published_image_and_remount_cleans(
     assert r.returncode == 0, r.stderr
     assert os.listdir(d) == ["img.raw"]
     assert m.path("s", "img.raw").read_bytes() == b"published" * 1000
+
+
+def test_full_store_gives_enospc_and_publishes_nothing(mount_factory: Any, tmp_path: Path
+                                                      ) -> None:
+    """A write that fails (here: the store's filesystem is full) poisons the pending image:
+    close reports the error and nothing appears under the name, not even a truncated image."""
+    d = tmp_path / "small"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(d)], check=True)
+    try:
+        (d / "old.raw").write_bytes(b"o" * 1000)
+        m = mount_factory({"s": {"type": "file", "path": str(d)}})
+        src = tmp_path / "big.raw"
+        src.write_bytes(os.urandom(10 * MiB))
+        r = subprocess.run(["cp", str(src), str(m.path("s", "big.raw"))], capture_output=True,
+                           text=True)
+        assert r.returncode != 0 and "No space left on device" in r.stderr, r.stderr
+        assert sorted(os.listdir(m.path("s"))) == ["old.raw"]
+        # overwriting an existing image that does not fit keeps the old one whole
+        r = subprocess.run(["cp", str(src), str(m.path("s", "old.raw"))], capture_output=True,
+                           text=True)
+        assert r.returncode != 0
+        assert m.path("s", "old.raw").read_bytes() == b"o" * 1000
+        unmount(m)
+        assert sorted(os.listdir(d)) == ["old.raw"], "an upload was left behind"
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
