@@ -24,15 +24,39 @@ Uploads
     early (the next bytes start a new segment) so the proxy never times the PUT out. Segment PUTs
     are chunked requests made with ``http.client``: the body is that queue, every socket call is
     bounded by the store timeout (a dead proxy ends in an error, never a hang) and the returned
-    ETag must be the md5 of the bytes sent. The SLO manifest is PUT at commit: the only moment
-    the image appears.
+    ETag must be the md5 of the bytes sent (with ``cacert``/``insecure`` applied to TLS, as for
+    swiftclient). The SLO manifest is PUT at commit: the only moment the image appears; its
+    answer must carry the SLO ETag computed here, and a full HEAD (not our metadata) then checks
+    the real ETag, size and segment group. A manifest PUT that fails other than by a clean 4xx
+    may still have been stored: a HEAD decides (our group there: published); if it cannot, the
+    segments and markers stay for ``cleanup_leftovers``. One lock per upload serialises write,
+    the start of commit and abort (the bridge abandons calls that overrun, so an old write may
+    still run); an abort during commit deletes nothing: commit owns that outcome.
 
 Leftovers
     Before an operation can orphan segments (an upload's first segment, replacing or deleting an
     SLO) it writes a marker ``.imagefs-pending/<upload-id>`` in the segment container, naming the
-    image and the segment groups at stake; it is removed when the operation ends. At mount, a
-    marker whose writer is gone (same host and its pid/start time no longer runs, or another host
-    and older than ``leftover_age``) has its groups deleted unless a manifest references them.
+    image and the segment groups at stake; it is removed when the operation ends, but only once
+    its groups are really gone (every DELETE worked, a new listing is empty) and no segment PUT
+    still runs. At mount, a marker whose writer is gone (same host and its pid/start time no
+    longer runs, or another host and older than ``leftover_age``) has its groups deleted unless
+    a manifest references them.
+
+Renames and shared groups
+    A rename copies the manifest, so until the old name's DELETE two manifests share a segment
+    group. A marker (``op = "rename"``) is written before the copy: the next mount finishes a
+    rename cut short by a crash (plain DELETE of the source); any other failure after the copy
+    removes the copy with a plain DELETE (never ``multipart-manifest=delete``). Before a delete or
+    replace deletes a group, every manifest is checked: a group another manifest references is
+    kept and only the manifest goes.
+
+Metadata
+    ``set_meta`` merges with a HEAD and POSTs (a POST replaces all user metadata). The POST is
+    unconditional, so a full HEAD afterwards checks the real ETag and size against what was
+    written; if the image was replaced in between, its own size, ETag and segment group (found
+    by the listing of its segment prefix) are POSTed back. Known limit: on RGW, a plain image
+    replaced by an SLO in that window loses RGW's SLO flag (it is user metadata there, and the
+    POST could not know to keep it).
 
 Versions and reads
     ``version`` is the ETag HEAD returns: an object's md5, or for an SLO the md5 of its segments'
@@ -65,6 +89,7 @@ import logging
 import os
 import queue
 import re
+import ssl
 import threading
 import time
 import urllib.parse
@@ -240,6 +265,10 @@ class _Segment:
 
 
 class SwiftUpload(Upload):
+    """One upload. ``lock`` serialises write, commit's start and abort (the bridge abandons a
+    call that overruns its deadline, so an old write may still run when abort or commit comes);
+    ``state`` goes open → committing → published | failed, or open → aborted."""
+
     def __init__(self, store: SwiftStore, name: str, size_hint: int | None) -> None:
         self.store = store
         self.name = name
@@ -251,40 +280,60 @@ class SwiftUpload(Upload):
         self.segments: list[_Segment] = []
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.marker = False
+        self.lock = threading.Lock()
+        self.state = "open"
+        self.dead = False  # abort asked: writes stop at their next chunk
         self.published = False
-        self.finished = False
+        #: the manifest PUT failed without a clear answer: it may yet be visible, so segments
+        #: and markers stay for ``cleanup_leftovers`` (which keeps groups a manifest references)
+        self.unknown = False
         self.error: BaseException | None = None
         if size_hint is not None and size_hint > self.small_limit:
             self._start_streaming()
 
+    @property
+    def finished(self) -> bool:
+        return self.state != "open"
+
     def _what(self) -> str:
         return f"{self.store.id}/{self.name}"
 
+    def _acquire(self) -> None:
+        if not self.lock.acquire(timeout=self.store.timeout):
+            raise BackendError(f"{self._what()}: upload busy for {self.store.timeout:g}s",
+                               retryable=True)
+
     # ------------------------------------------------------------------ writing
     def write(self, offset: int, data: bytes) -> None:
-        if self.finished:
+        if self.finished or self.dead:
             raise BackendError(f"{self._what()}: upload already finished")
-        if offset != self.size:
-            raise BackendError(f"{self._what()}: write at {offset}, expected {self.size} "
-                               f"(swift uploads are sequential)")
-        if not data:
-            return
-        self._check_failed()
-        if self.small is not None:
-            if self.size + len(data) <= self.small_limit:
-                self.small.append(bytes(data))
-                self.size += len(data)
+        self._acquire()
+        try:
+            if self.finished or self.dead:
+                raise BackendError(f"{self._what()}: upload already finished")
+            if offset != self.size:
+                raise BackendError(f"{self._what()}: write at {offset}, expected {self.size} "
+                                   f"(swift uploads are sequential)")
+            if not data:
                 return
-            self._start_streaming()
-        self._feed(memoryview(data))
-        self.size += len(data)
+            self._check_failed()
+            if self.small is not None:
+                if self.size + len(data) <= self.small_limit:
+                    self.small.append(bytes(data))
+                    self.size += len(data)
+                    return
+                self._start_streaming()
+            self._feed(memoryview(data))
+            self.size += len(data)
+        finally:
+            self.lock.release()
 
     def _start_streaming(self) -> None:
         """Write the pending marker, then move the buffered bytes into the first segment."""
-        buffered, self.small = self.small or [], None
         self.store._put_marker(self.uid, {"op": "upload", "image": self.name,
                                           "groups": [self.group]})
         self.marker = True
+        buffered, self.small = self.small or [], None
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.store.upload_concurrency,
             thread_name_prefix=f"swift-up-{self.store.id}")
@@ -292,24 +341,29 @@ class SwiftUpload(Upload):
             self._feed(memoryview(chunk))
 
     def _check_failed(self) -> None:
+        if self.dead:
+            raise BackendError(f"{self._what()}: upload aborted")
         if self.error is not None:
             raise BackendError(f"{self._what()}: segment upload failed: {self.error}")
         for seg in self.segments:
             f = seg.future
-            if f is not None and f.done() and f.exception() is not None:
+            if f is not None and f.done() and not f.cancelled() and f.exception() is not None:
                 self.error = f.exception()
                 raise BackendError(f"{self._what()}: segment {seg.index} upload failed: "
                                    f"{self.error}")
 
     def _new_segment(self) -> _Segment:
+        """A new segment and its PUT (called under ``lock``: abort never sees half of it)."""
+        if self.dead:
+            raise BackendError(f"{self._what()}: upload aborted")
         index = len(self.segments)
         if index >= self.store.max_segments:
             raise NoSpace(f"{self._what()}: more than {self.store.max_segments} segments "
                           f"(the server's limit); raise segment_size")
         seg = _Segment(index, f"{self.group}/{index:08d}", self.store._segment_target(index))
         assert self.pool is not None
-        seg.future = self.pool.submit(self.store._send_segment, seg)
         self.segments.append(seg)
+        seg.future = self.pool.submit(self.store._send_segment, seg)
         return seg
 
     def _feed(self, view: memoryview) -> None:
@@ -329,6 +383,8 @@ class SwiftUpload(Upload):
         """Queue ``item`` for ``seg``; False if the segment closed itself first (idle)."""
         deadline = time.monotonic() + self.store.timeout
         while True:
+            if self.dead:
+                raise BackendError(f"{self._what()}: upload aborted")
             with seg.lock:
                 if seg.closed:
                     return False
@@ -368,8 +424,13 @@ class SwiftUpload(Upload):
 
     # ------------------------------------------------------------------ publishing
     def commit(self, meta: Mapping[str, str]) -> ImageInfo:
-        if self.finished:
-            raise BackendError(f"{self._what()}: upload already finished")
+        self._acquire()
+        try:
+            if self.finished or self.dead:
+                raise BackendError(f"{self._what()}: upload already finished")
+            self.state = "committing"
+        finally:
+            self.lock.release()
         st = self.store
         headers = _meta_headers({k: v for k, v in user_meta(meta).items()
                                  if not k.startswith("imagefs_")})
@@ -387,19 +448,26 @@ class SwiftUpload(Upload):
             else:
                 info = self._commit_slo(headers)
         except BaseException:
-            if not self.published:
-                self.abort()
-                if replace_uid is not None:  # nothing was replaced after all
-                    st._delete_quietly(st.segment_container, PENDING_PREFIX + replace_uid)
-            else:
+            if self.published:
                 self._after_publish(old_group, replace_uid)
+            else:
+                self.state = "failed"
+                if self.unknown:  # it may be visible yet: cleanup_leftovers decides
+                    log.warning("%s: the outcome of publishing is unknown; segments and markers "
+                                "stay for the clean-up at the next mount", self._what())
+                    if self.pool is not None:
+                        self.pool.shutdown(wait=False)
+                else:
+                    self._discard()
+                    if replace_uid is not None:  # nothing was replaced after all
+                        st._delete_quietly(st.segment_container, PENDING_PREFIX + replace_uid)
             raise
         self._after_publish(old_group, replace_uid)
         return info
 
     def _after_publish(self, old_group: str | None, replace_uid: str | None) -> None:
         """The image is published: drop the markers and the replaced image's segments."""
-        self.finished = True
+        self.state = "published"
         st = self.store
         st._forget(self.name)
         if self.pool is not None:
@@ -408,20 +476,51 @@ class SwiftUpload(Upload):
             if self.marker:
                 st._delete_quietly(st.segment_container, PENDING_PREFIX + self.uid)
             if replace_uid is not None and old_group is not None:
-                st._delete_group(old_group)
-                st._delete_quietly(st.segment_container, PENDING_PREFIX + replace_uid)
+                st._drop_group(old_group, replace_uid, exclude=self.name)
         except StoreError as e:  # the next mount's clean-up finishes the job
             log.warning("%s: clean-up after publishing: %s", self._what(), e)
 
-    def _commit_plain(self, headers: dict[str, str]) -> ImageInfo:
+    def _unclear(self, err: StoreError) -> None:
+        """The manifest (or object) PUT failed without a clean refusal: the server may have
+        stored it anyway. Published if the name now holds our segment group; otherwise the
+        outcome is unknown and ``err`` is raised."""
+        if self.small is None:
+            try:
+                if self.store._head(self.name, newest=True)[1] == self.group:
+                    log.info("%s: %s, but the manifest is there: published", self._what(), err)
+                    self.published = True
+                    return
+            except StoreError:
+                pass
+        self.unknown = True
+        raise err
+
+    def _put_image(self, what: str, *args: Any, **kwargs: Any) -> Any:
+        """The PUT that publishes: a clean 4xx raises; other errors go to ``_unclear``."""
         st = self.store
+        if self.dead:
+            raise BackendError(f"{self._what()}: upload aborted")
+        try:
+            return st._call(what, "put_object", st.container, self.name, *args, write=True,
+                            **kwargs)
+        except StoreError as e:
+            status = getattr(e, "status", None)
+            if status is not None and 400 <= status < 500:  # a clean refusal: not stored
+                if isinstance(e, NotFound):  # RGW: a segment is missing. Not ENOENT.
+                    raise BackendError(f"{e} (a segment is missing)") from None
+                raise
+            self._unclear(e)
+        return None
+
+    def _commit_plain(self, headers: dict[str, str]) -> ImageInfo:
         body = b"".join(self.small or [])
         etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
-        got = st._call(f"{self.name}: PUT", "put_object", st.container, self.name, body,
-                       content_length=len(body), etag=etag,
-                       content_type="application/octet-stream", headers=headers, write=True)
+        got = self._put_image(f"{self.name}: PUT", body, content_length=len(body), etag=etag,
+                              content_type="application/octet-stream", headers=headers)
         self.published = True
-        return self._verify(etag if not got else got.strip('"'), len(body), slo=False)
+        if got and got.strip('"') != etag:
+            raise BackendError(f"{self._what()}: PUT returned ETag {got}, expected {etag}")
+        return self._verify(etag, len(body), slo=False)
 
     def _commit_slo(self, headers: dict[str, str]) -> ImageInfo:
         st = self.store
@@ -433,37 +532,45 @@ class SwiftUpload(Upload):
         headers = {**headers, "X-Object-Meta-Imagefs-Segments": self.group,
                    "X-Object-Meta-Imagefs-Size": str(self.size),
                    "X-Object-Meta-Imagefs-Etag": slo_etag}
-        try:
-            got = st._call(f"{self.name}: PUT manifest", "put_object", st.container, self.name,
-                           json.dumps(manifest).encode(), content_type="application/octet-stream",
-                           headers=headers, query_string="multipart-manifest=put", write=True)
-        except NotFound as e:  # RGW: a segment is missing. Not ENOENT for the image's writer.
-            raise BackendError(f"{e} (a segment is missing)") from None
+        got = self._put_image(f"{self.name}: PUT manifest", json.dumps(manifest).encode(),
+                              content_type="application/octet-stream", headers=headers,
+                              query_string="multipart-manifest=put")
         self.published = True
-        if got and got.strip('"') != slo_etag:
-            log.warning("%s: manifest ETag %s, expected %s", self._what(), got, slo_etag)
+        if got and got.strip('"') != slo_etag:  # Swift and RGW both answer the SLO's ETag
+            raise BackendError(f"{self._what()}: manifest PUT returned ETag {got}, expected "
+                               f"{slo_etag}")
         return self._verify(slo_etag, self.size, slo=True)
 
     def _verify(self, etag: str, size: int, slo: bool) -> ImageInfo:
-        """HEAD what was published: it must be ours, whole."""
+        """A full HEAD of what was published (the SLO itself, not our metadata about it):
+        it must be ours, whole."""
         try:
-            info, group, is_slo = self.store._head(self.name, newest=True)
+            h = self.store._call(f"{self.name}: HEAD", "head_object", self.store.container,
+                                 self.name, headers={"X-Newest": "true"})
         except NotFound as e:  # deleted at once by someone else
             raise BackendError(f"{e} right after publishing") from None
+        parsed = self.store._info(self.name, h)
+        assert parsed is not None
+        info, group, is_slo = parsed
+        with self.store._lock:
+            self.store._heads[self.name] = (info.version, info.size, group)
         if info.version != etag or (slo and group != self.group):
             raise BackendError(f"{self._what()}: replaced by another writer right after "
                                f"publishing (ETag {info.version}, ours {etag})")
         if info.size != size or is_slo != slo:
             raise BackendError(f"{self._what()}: published {info.size} bytes "
                                f"({'SLO' if is_slo else 'object'}), expected {size}")
-        return info
+        meta = {k: v for k, v in info.meta.items() if k not in _OWN_META}
+        return ImageInfo(name=info.name, size=info.size, mtime=info.mtime, mode=info.mode,
+                         version=info.version, meta=meta)
 
     def abort(self) -> None:
+        if self.state == "committing":
+            return  # commit owns the outcome: its manifest PUT may be in flight
         if self.finished:
             return
-        self.finished = True
-        self.small = None
-        for seg in self.segments:
+        self.dead = True  # an abandoned write stops at its next chunk and lets go of the lock
+        for seg in list(self.segments):
             seg.aborted = True
             with seg.lock:
                 seg.closed = True
@@ -471,19 +578,52 @@ class SwiftUpload(Upload):
                     seg.q.put_nowait(_ABORT)
                 except queue.Full:
                     pass  # the sender sees ``aborted`` at its next chunk
+        if not self.lock.acquire(timeout=self.store.timeout):
+            log.warning("%s: abort: a write is still running; its marker stays for the "
+                        "clean-up at the next mount", self._what())
+            return
+        try:
+            if self.finished:
+                return  # commit started meanwhile: it owns the outcome
+            self.state = "aborted"
+        finally:
+            self.lock.release()
+        self._discard()
+
+    def _discard(self) -> None:
+        """Stop the segment PUTs and delete the segments; the marker goes only if they are all
+        gone and no PUT can still create one."""
+        self.small = None
+        self.dead = True
+        for seg in list(self.segments):
+            seg.aborted = True
+            with seg.lock:
+                seg.closed = True
+                try:
+                    seg.q.put_nowait(_ABORT)
+                except queue.Full:
+                    pass
         if self.pool is not None:  # segments not started yet never start
             self.pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + self.store.timeout
         for seg in self.segments:
             if seg.future is not None:
                 try:
-                    seg.future.result(timeout=self.store.timeout)
-                except Exception:
+                    seg.future.result(timeout=max(0.0, deadline - time.monotonic()))
+                except BaseException:
                     pass
-        if self.published:
-            return  # the manifest references the segments: a failed verify keeps them
-        if self.marker:
-            self.store._delete_group(self.group)
+        if not self.marker:
+            return
+        running = any(s.future is not None and not s.future.done() for s in self.segments)
+        started = [s.obj for s in self.segments
+                   if s.future is None or not s.future.cancelled()]
+        gone = self.store._delete_group(self.group, started)[1]
+        if gone and not running:
             self.store._delete_quietly(self.store.segment_container, PENDING_PREFIX + self.uid)
+        else:
+            log.warning("%s: abort left segments (%s); the marker stays for the clean-up at "
+                        "the next mount", self._what(),
+                        "a PUT still running" if running else "deletes failed")
 
 
 class SwiftStore(Store):
@@ -509,6 +649,11 @@ class SwiftStore(Store):
         "leftover_age": Option("float", default=86400.0,
                                help="seconds after which another host's unfinished upload is "
                                     "removed at mount"),
+        "cacert": Option("path", default=None,
+                         help="CA bundle (PEM) to verify the server's TLS certificate; default "
+                              "the system's"),
+        "insecure": Option("bool", default=False,
+                           help="do not verify the server's TLS certificate"),
         "glance_reference": Option("str", default=None,
                                    help="glance-swift.conf reference: locations become "
                                         "swift+config://REF/container/name"),
@@ -531,11 +676,16 @@ class SwiftStore(Store):
         self._url: str | None = None
         self._token: str | None = None
         self._local = threading.local()
+        #: every Connection made (one per thread), closed by close()
+        self._conns: list[Any] = []
+        self._ssl: ssl.SSLContext | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._cache: dict[str, tuple[tuple[Any, ...], ImageInfo, str | None]] = {}
         self._if_match = True
-        self._segment_maps: dict[tuple[str, str], _SegmentMap | None] = {}
-        self._map_lock = threading.Lock()
+        #: (name, version) -> (map or None, monotonic time it was built)
+        self._segment_maps: dict[tuple[str, str], tuple[_SegmentMap | None, float]] = {}
+        #: one lock per (name, version) being mapped: unrelated images never wait for each other
+        self._map_locks: dict[tuple[str, str], threading.Lock] = {}
         #: name -> (version, size, segment group) of the last HEAD, for the segment map.
         self._heads: dict[str, tuple[str, int, str | None]] = {}
         self._sc: Any = None
@@ -612,6 +762,14 @@ class SwiftStore(Store):
                 raise BackendError(f"store {self.id}: key_file {a['key_file']} is empty")
         else:
             self._key = a["key_env"]
+        try:
+            self._ssl = ssl.create_default_context(cafile=self.options.get("cacert"))
+        except (OSError, ssl.SSLError) as e:
+            raise BackendError(f"store {self.id}: cacert {self.options.get('cacert')}: "
+                               f"{e}") from None
+        if self.options.get("insecure"):
+            self._ssl.check_hostname = False
+            self._ssl.verify_mode = ssl.CERT_NONE
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(1, self.cfg.concurrency or self.default_concurrency),
             thread_name_prefix=f"swift-{self.id}")
@@ -644,10 +802,14 @@ class SwiftStore(Store):
         if self._pool is not None:
             self._pool.shutdown(wait=False)
             self._pool = None
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except Exception as e:  # closing must not fail the unmount
+                log.debug("store %s: closing a connection: %s", self.id, e)
+        self._local = threading.local()
 
     def _conn(self) -> Any:
         """This thread's swiftclient Connection (they are not thread-safe), sharing one token."""
@@ -668,8 +830,11 @@ class SwiftStore(Store):
             auth_version=a["auth_version"], os_options=os_options,
             preauthurl=self._url, preauthtoken=self._token,
             retries=self.retries, starting_backoff=0.25, max_backoff=4,
-            timeout=self.timeout, retry_on_ratelimit=True)
+            timeout=self.timeout, retry_on_ratelimit=True,
+            cacert=self.options.get("cacert"), insecure=bool(self.options.get("insecure")))
         self._local.conn = conn
+        with self._lock:
+            self._conns.append(conn)
         return conn
 
     def _invoke(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -693,6 +858,12 @@ class SwiftStore(Store):
                                retryable=True) from None
 
     def _error(self, e: Any, what: str, write: bool) -> StoreError:
+        """The store's exception for a swiftclient one; its ``status`` is the HTTP status."""
+        err = self._error_of(e, what, write)
+        err.status = getattr(e, "http_status", None)  # type: ignore[attr-defined]
+        return err
+
+    def _error_of(self, e: Any, what: str, write: bool) -> StoreError:
         status = getattr(e, "http_status", None)
         if status is None:
             return BackendError(f"store {self.id}: {what}: {e}")
@@ -722,8 +893,10 @@ class SwiftStore(Store):
         if self._url is None or self._token is None:
             raise BackendError(f"store {self.id}: not authenticated")
         url = urllib.parse.urlsplit(self._url)
-        cls = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        conn = cls(url.hostname or "", url.port, timeout=self.timeout)
+        conn = (http.client.HTTPSConnection(url.hostname or "", url.port, timeout=self.timeout,
+                                            context=self._ssl)
+                if url.scheme == "https" else
+                http.client.HTTPConnection(url.hostname or "", url.port, timeout=self.timeout))
         path = (url.path.rstrip("/") + "/" + urllib.parse.quote(self.segment_container, safe="")
                 + "/" + urllib.parse.quote(seg.obj, safe="/"))
         what = f"segment {seg.obj}: PUT"
@@ -865,17 +1038,66 @@ class SwiftStore(Store):
             log.warning("store %s: %s", self.id, e)
             return False
 
-    def _delete_group(self, group: str) -> int:
-        """Delete every segment of ``group`` (a prefix listing, deletes in parallel)."""
-        n = 0
-        for page in self._iter_container(self.segment_container, prefix=group + "/"):
-            names = [o["name"] for o in page if "name" in o]
-            if self._pool is not None:
-                n += sum(self._pool.map(
-                    lambda o: self._delete_quietly(self.segment_container, o), names))
-            else:
-                n += sum(self._delete_quietly(self.segment_container, o) for o in names)
-        return n
+    def _gone(self, container: str, obj: str) -> int:
+        """DELETE ``obj``: 1 if deleted, 0 if it was not there, -1 if the DELETE failed."""
+        try:
+            self._call(f"{container}/{obj}: DELETE", "delete_object", container, obj, write=True)
+        except NotFound:
+            return 0
+        except StoreError as e:
+            log.warning("store %s: %s", self.id, e)
+            return -1
+        return 1
+
+    def _delete_group(self, group: str, names: Any = ()) -> tuple[int, bool]:
+        """Delete every segment of ``group``: those a prefix listing shows and ``names`` (known
+        to exist even if the listing lags), in parallel: (segments deleted, all gone). All gone
+        only if every DELETE worked and a new listing shows none left: only then may the
+        group's marker go."""
+        todo = set(names)
+        try:
+            for page in self._iter_container(self.segment_container, prefix=group + "/"):
+                todo.update(o["name"] for o in page if "name" in o)
+        except StoreError as e:
+            log.warning("store %s: segments of %s: %s", self.id, group, e)
+            ok = False
+        else:
+            ok = True
+        if self._pool is not None and len(todo) > 1:
+            results = list(self._pool.map(lambda o: self._gone(self.segment_container, o),
+                                          sorted(todo)))
+        else:
+            results = [self._gone(self.segment_container, o) for o in sorted(todo)]
+        n = sum(r for r in results if r > 0)
+        if not ok or -1 in results:
+            return n, False
+        try:
+            left = next(self._iter_container(self.segment_container, prefix=group + "/"), [])
+        except StoreError:
+            return n, False
+        return n, not any(o.get("name") for o in left)
+
+    def _referenced(self, group: str, exclude: str | None = None) -> bool:
+        """Whether a manifest other than ``exclude`` names ``group`` (every image is looked at,
+        as ``cleanup_leftovers`` does): a copy (rename) shares its source's segments."""
+        return any(g == group for info, g in self._listing() if info.name != exclude)
+
+    def _drop_group(self, group: str, marker_uid: str, exclude: str | None = None) -> None:
+        """Delete the segments of a replaced or deleted SLO unless another manifest uses them,
+        then the marker ``marker_uid`` — which stays if that failed (the next mount retries)."""
+        try:
+            if self._referenced(group, exclude):
+                log.info("store %s: segments %s are still used by another manifest: kept",
+                         self.id, group)
+            elif not self._delete_group(group)[1]:
+                log.warning("store %s: segments %s not all deleted; the clean-up at the next "
+                            "mount retries", self.id, group)
+                return
+        except StoreError as e:
+            log.warning("store %s: segments %s: %s; the clean-up at the next mount retries",
+                        self.id, group, e)
+            return
+        self._delete_quietly(self.segment_container, PENDING_PREFIX + marker_uid)
 
     def _forget(self, *names: str) -> None:
         with self._lock:
@@ -958,21 +1180,27 @@ class SwiftStore(Store):
         are deleted, reads raise ``Changed``; until then they serve the old version, whole.
         """
         key = (name, version)
-        with self._lock:
-            if key in self._segment_maps:
-                return self._segment_maps[key]
+        hit = self._cached_map(key)
+        if hit is not None:
+            return hit[0]
         # One thread builds it while the prefetchers of the same image wait: on RGW a HEAD of an
         # SLO reads its segments' heads (0.2 s for 256 MiB), eight at once took 1.7 s each.
-        if not self._map_lock.acquire(timeout=self.timeout):
+        with self._lock:
+            lock = self._map_locks.setdefault(key, threading.Lock())
+        if not lock.acquire(timeout=self.timeout):
             raise BackendError(f"store {self.id}: {name}: segment map busy for "
                                f"{self.timeout:g}s", retryable=True)
         try:
+            hit = self._cached_map(key)
+            if hit is not None:
+                return hit[0]
             with self._lock:
-                if key in self._segment_maps:
-                    return self._segment_maps[key]
                 seen = self._heads.get(name)
             if seen is None or seen[0] != version:  # stat() before open() usually saw it
-                info, group, _ = self._head(name)
+                try:
+                    info, group, _ = self._head(name)
+                except NotFound:  # deleted while open: EIO like any change, not ENOENT
+                    raise Changed(f"{self.id}/{name} changed since it was opened") from None
                 if info.version != version:
                     raise Changed(f"{self.id}/{name} changed since it was opened")
                 seen = (info.version, info.size, group)
@@ -980,10 +1208,29 @@ class SwiftStore(Store):
             with self._lock:
                 if len(self._segment_maps) >= 256:
                     self._segment_maps.pop(next(iter(self._segment_maps)))
-                self._segment_maps[key] = smap
+                # a group whose listing did not add up may only lag: None is retried later
+                self._segment_maps[key] = (smap, time.monotonic() if seen[2] else float("inf"))
             return smap
         finally:
-            self._map_lock.release()
+            lock.release()
+            with self._lock:
+                if self._map_locks.get(key) is lock and not lock.locked():
+                    del self._map_locks[key]
+
+    #: Seconds a "no usable segment listing" answer for one of our SLOs is trusted.
+    MAP_RETRY = 5.0
+
+    def _cached_map(self, key: tuple[str, str]) -> tuple[_SegmentMap | None] | None:
+        with self._lock:
+            hit = self._segment_maps.get(key)
+            if hit is None:
+                return None
+            smap, built = hit
+            if smap is None and built != float("inf") and \
+                    time.monotonic() - built > self.MAP_RETRY:
+                del self._segment_maps[key]
+                return None
+            return (smap,)
 
     def _build_segment_map(self, name: str, version: str, size: int, group: str | None
                            ) -> _SegmentMap | None:
@@ -1058,6 +1305,8 @@ class SwiftStore(Store):
             status = getattr(e, "http_status", None)
             if status == 416:
                 return b""  # at or past the end (an empty image answers 416 too)
+            if status == 404:  # deleted while open: EIO like any change, not ENOENT
+                raise Changed(f"{self.id}/{name} changed since it was opened") from None
             if status != 412 or "If-Match" not in headers:
                 raise self._error(e, what, False) from None
             try:
@@ -1107,37 +1356,89 @@ class SwiftStore(Store):
         return SwiftUpload(self, name, size_hint)
 
     def rename(self, old: str, new: str) -> ImageInfo:
-        """Copy the manifest (not the data) to ``new``, then delete the old manifest only."""
+        """Copy the manifest (not the data) to ``new``, then delete the old manifest only.
+
+        Between the copy and the DELETE two manifests share one segment group. A marker written
+        before the copy (``op = "rename"``) lets the next mount finish a rename cut short by a
+        crash; any other failure after the copy removes the copy again (a plain DELETE: the
+        segments belong to ``old``) unless ``old`` is already gone.
+        """
         self._writable()
         check_name(old)
         check_name(new)
-        src, _group, is_slo = self._head(old, newest=True)
+        src, group, is_slo = self._head(old, newest=True)
         target_group = self._group_of_existing(new)
-        replace_uid = None
-        if target_group is not None and target_group != _group:
-            replace_uid = new_owner_id()
-            self._put_marker(replace_uid, {"op": "replace", "image": new,
-                                           "groups": [target_group]})
+        replaces = target_group is not None and target_group != group
+        uid = None
+        if group is not None or replaces:
+            uid = new_owner_id()
+            self._put_marker(uid, {"op": "rename", "image": new, "source": old, "group": group,
+                                   "groups": [target_group] if replaces else []})
         source = "/" + urllib.parse.quote(self.container, safe="") + "/" + \
             urllib.parse.quote(old, safe="")
-        self._call(f"{old} -> {new}: copy", "put_object", self.container, new, None,
-                   headers={"X-Copy-From": source},
-                   query_string="multipart-manifest=get" if is_slo else None, write=True)
-        info, _, _ = self._head(new, newest=True)
-        if info.version != src.version or info.size != src.size:
-            raise BackendError(f"store {self.id}: rename {old} -> {new}: the copy differs "
-                               f"(ETag {info.version}, size {info.size}; source {src.version}, "
-                               f"{src.size})")
         try:
-            self._call(f"{old}: DELETE", "delete_object", self.container, old, write=True)
-        except NotFound:
-            pass
-        if replace_uid is not None:
-            assert target_group is not None
-            self._delete_group(target_group)
-            self._delete_quietly(self.segment_container, PENDING_PREFIX + replace_uid)
+            self._call(f"{old} -> {new}: copy", "put_object", self.container, new, None,
+                       headers={"X-Copy-From": source},
+                       query_string="multipart-manifest=get" if is_slo else None, write=True)
+            info, _, _ = self._head(new, newest=True)
+            if info.version != src.version or info.size != src.size:
+                raise BackendError(f"store {self.id}: rename {old} -> {new}: the copy differs "
+                                   f"(ETag {info.version}, size {info.size}; source "
+                                   f"{src.version}, {src.size})")
+            try:
+                self._call(f"{old}: DELETE", "delete_object", self.container, old, write=True)
+            except NotFound:
+                pass
+        except BaseException:
+            self._forget(old, new)
+            if group is not None and not self._undo_copy(old, new, group):
+                raise  # the marker stays: the next mount settles it
+            if uid is not None:
+                if replaces:  # kept if ``new`` still holds it (the copy never happened)
+                    assert target_group is not None
+                    self._drop_group(target_group, uid)
+                else:
+                    self._delete_quietly(self.segment_container, PENDING_PREFIX + uid)
+            raise
         self._forget(old, new)
+        if uid is not None:
+            if replaces:
+                assert target_group is not None
+                self._drop_group(target_group, uid, exclude=new)
+            else:
+                self._delete_quietly(self.segment_container, PENDING_PREFIX + uid)
         return info
+
+    def _copy_exists(self, name: str, group: str | None) -> bool:
+        """Whether ``name`` holds a manifest of ``group`` (None: unknown, so yes)."""
+        try:
+            return group is not None and self._head(name, newest=True)[1] == group
+        except NotFound:
+            return False
+        except StoreError:
+            return True
+
+    def _undo_copy(self, old: str, new: str, group: str) -> bool:
+        """After a failed rename: if ``old`` and ``new`` both hold ``group``, plain-DELETE
+        ``new`` (never ``multipart-manifest=delete``: the segments are ``old``'s). True if no
+        two manifests share the group now."""
+        try:
+            try:
+                if self._head(old, newest=True)[1] != group:
+                    return True  # old is gone (its DELETE worked after all) or replaced
+            except NotFound:
+                return True
+            if not self._copy_exists(new, group):
+                return True
+            self._call(f"{new}: DELETE (undo the copy)", "delete_object", self.container, new,
+                       write=True)
+            return True
+        except NotFound:
+            return True
+        except StoreError as e:
+            log.warning("store %s: rename %s -> %s: could not undo the copy: %s; the next "
+                        "mount settles it", self.id, old, new, e)
+            return False
 
     def delete(self, name: str) -> None:
         self._writable()
@@ -1147,16 +1448,30 @@ class SwiftStore(Store):
             self._call(f"{name}: DELETE", "delete_object", self.container, name, write=True)
             self._forget(name)
             return
-        uid = None
-        if group is not None:
-            uid = new_owner_id()
-            self._put_marker(uid, {"op": "delete", "image": name, "groups": [group]})
-        self._multipart_delete(name, info.version)
-        if group is not None:
-            self._delete_group(group)  # what the server's SLO delete missed, if anything
-            assert uid is not None
+        if group is None:  # a foreign SLO: the server deletes its segments
+            self._multipart_delete(name, info.version)
+            self._forget(name)
+            return
+        uid = new_owner_id()
+        self._put_marker(uid, {"op": "delete", "image": name, "groups": [group]})
+        try:
+            shared = self._referenced(group, exclude=name)
+        except BaseException:
             self._delete_quietly(self.segment_container, PENDING_PREFIX + uid)
+            raise
+        if shared:  # a copy uses the segments too: delete this manifest only
+            try:
+                self._call(f"{name}: DELETE", "delete_object", self.container, name,
+                           write=True)
+            except NotFound:
+                pass
+            finally:
+                self._delete_quietly(self.segment_container, PENDING_PREFIX + uid)
+            self._forget(name)
+            return
+        self._multipart_delete(name, info.version)
         self._forget(name)
+        self._drop_group(group, uid, exclude=name)  # what the server's SLO delete missed
 
     def _multipart_delete(self, name: str, version: str) -> None:
         """DELETE ?multipart-manifest=delete: the manifest and its segments, server-side.
@@ -1185,9 +1500,51 @@ class SwiftStore(Store):
         self._call(f"{name}: POST", "post_object", self.container, name,
                    headers=_meta_headers(merged), write=True)
         self._forget(name)
+        # The POST is unconditional: if the image was replaced since the HEAD, it just gave the
+        # new image the old one's size, ETag and segments. A full HEAD tells the real ones.
+        h2 = self._call(f"{name}: HEAD", "head_object", self.container, name,
+                        headers={"X-Newest": "true"})
+        real = self._info(name, h2)
+        assert real is not None
+        want_etag = merged.get(ETAG_META) if merged.get(SEGMENTS_META) else info.version
+        want_size = merged.get(SIZE_META) if merged.get(SEGMENTS_META) else str(info.size)
+        if real[0].version != want_etag or str(real[0].size) != want_size:
+            log.info("store %s: %s was replaced during set_meta: its own size and segments "
+                     "are written back", self.id, name)
+            own = self._own_meta(name, real[0], h2)
+            asked = {k: v for k, v in user_meta(meta).items() if not k.startswith("imagefs_")}
+            merged = {**own, **asked}
+            self._call(f"{name}: POST", "post_object", self.container, name,
+                       headers=_meta_headers(merged), write=True)
+            info = real[0]
         visible = {k: v for k, v in merged.items() if k not in _OWN_META + tuple(_SERVER_META)}
         return ImageInfo(name=name, size=info.size, mtime=meta_mtime(visible, info.mtime),
                          mode=meta_mode(visible), version=info.version, meta=visible)
+
+    def _own_meta(self, name: str, real: ImageInfo, headers: Mapping[str, str]
+                  ) -> dict[str, str]:
+        """The metadata imagefs keeps on the object now called ``name`` (``real``: a full HEAD
+        of it): for one of our SLOs its segment group — the group under the image's segment
+        prefix whose listing adds up to its ETag and size — with the server's SLO flag."""
+        is_slo = "true" in (headers.get("x-static-large-object", "").lower(),
+                            headers.get(_META + "static-large-object", "").lower())
+        if not is_slo:
+            return {}
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for page in self._iter_container(self.segment_container,
+                                         prefix=_safe_name(name) + "/"):
+            for o in page:
+                groups.setdefault(str(o.get("name", "")).rsplit("/", 1)[0], []).append(o)
+        own = {k: v for k, v in _meta_of(headers, keep_server=True).items()
+               if k in _SERVER_META}
+        for group, entries in groups.items():
+            digest = hashlib.md5("".join(str(o.get("hash", "")).strip('"') for o in entries)
+                                 .encode(), usedforsecurity=False).hexdigest()
+            if digest == real.version and sum(int(o.get("bytes", 0)) for o in entries) == \
+                    real.size:
+                return {**own, SEGMENTS_META: group, SIZE_META: str(real.size),
+                        ETAG_META: real.version}
+        return own
 
     # ------------------------------------------------------------------ leftovers
     def cleanup_leftovers(self) -> int:
@@ -1219,9 +1576,13 @@ class SwiftStore(Store):
                 except NotFound:
                     continue  # someone else cleaned it
                 except ValueError:
-                    groups, image = [], None
+                    groups, image, record = [], None, None
                 if state == "elsewhere" and not self._older_than(entry, groups, age):
                     continue
+                if (isinstance(record, dict) and record.get("op") == "rename"
+                        and not self._finish_rename(record)):
+                    continue  # try again at the next mount
+                settled = True
                 for group in groups:
                     in_use = False
                     if isinstance(image, str):
@@ -1233,12 +1594,40 @@ class SwiftStore(Store):
                         if referenced is None:
                             referenced = {g for _i, g in self._listing() if g}
                         in_use = group in referenced
-                    if not in_use and self._delete_group(group):
+                    if in_use:
+                        continue
+                    n, gone = self._delete_group(group)
+                    if n:
                         removed += 1
                         log.info("store %s: removed segments %s/%s left by a crash", self.id,
                                  self.segment_container, group)
-                self._delete_quietly(self.segment_container, mname)
+                    if not gone:
+                        settled = False  # the marker stays: the next mount tries again
+                if settled:
+                    self._delete_quietly(self.segment_container, mname)
         return removed
+
+    def _finish_rename(self, record: Mapping[str, Any]) -> bool:
+        """A rename cut short between its copy and its DELETE: if the source and the target
+        both hold the segment group, delete the source's manifest (plain DELETE), as the rename
+        would have. False if that failed."""
+        old, new, group = record.get("source"), record.get("image"), record.get("group")
+        if not (isinstance(old, str) and isinstance(new, str) and isinstance(group, str)):
+            return True
+        try:
+            if not self._copy_exists(new, group) or not self._copy_exists(old, group):
+                return True
+            self._call(f"{old}: DELETE (finish a rename)", "delete_object", self.container, old,
+                       write=True)
+            log.info("store %s: finished the rename %s -> %s cut short by a crash", self.id,
+                     old, new)
+        except NotFound:
+            pass
+        except (StoreError, ValueError) as e:
+            log.warning("store %s: rename %s -> %s left by a crash: %s", self.id, old, new, e)
+            return False
+        self._forget(old)
+        return True
 
     def _older_than(self, entry: Mapping[str, Any], groups: list[str], age: float) -> bool:
         newest = _iso_time(entry.get("last_modified"))

@@ -351,6 +351,318 @@ def test_set_meta_merges_and_keeps_the_version(
     assert_clean(table)  # the manifest still names its segments after the POSTs
 
 
+# ------------------------------------------------------------------------------- review fixes
+# Faults are injected by wrapping ``store._call`` of a store built from config: the backend
+# stays real, only the client's view of one request is changed.
+def hook_call(store: SwiftStore, hook: Callable[..., Any]) -> None:
+    """``hook(real, what, method, *args, **kwargs)`` replaces ``store._call``."""
+    real = store._call
+
+    def wrapped(what: str, method: str, *a: Any, **k: Any) -> Any:
+        return hook(real, what, method, *a, **k)
+
+    store._call = wrapped  # type: ignore[method-assign]
+
+
+def write_all(up: Any, data: bytes, chunk: int = MiB) -> None:
+    for off in range(0, len(data), chunk):
+        up.write(off, data[off:off + chunk])
+
+
+def markers(table: dict[str, Any]) -> list[str]:
+    conn = raw(table)
+    try:
+        return [s for s in listing(conn, seg_container(table)) if s.startswith(PENDING_PREFIX)]
+    finally:
+        conn.close()
+
+
+def test_manifest_put_error_never_deletes_a_published_manifests_segments(
+        table: dict[str, Any], open_store: Callable[..., SwiftStore]) -> None:
+    """P1-1: the server stored the manifest but the client saw an error: published, segments
+    kept. An error before the server stored it: unknown, segments and marker kept. An abort
+    while the manifest PUT is in flight deletes nothing."""
+    store = open_store(table, segment_size="1MiB")
+    data = pattern(3 * MiB + 7, "m1")
+
+    def lost_answer(real: Any, what: str, method: str, *a: Any, **k: Any) -> Any:
+        r = real(what, method, *a, **k)
+        if "PUT manifest" in what:
+            raise BackendError("PUT manifest: ReadTimeout (simulated)", retryable=True)
+        return r
+
+    hook_call(store, lost_answer)
+    up = store.upload("img.raw")
+    write_all(up, data)
+    info = up.commit({"mode": "600"})
+    up.abort()  # the writer may abort after a commit it thinks failed: nothing happens
+    assert info.size == len(data)
+    assert store.read_range("img.raw", info.version, 0, len(data)) == data
+    assert_clean(table)
+
+    def refused(real: Any, what: str, method: str, *a: Any, **k: Any) -> Any:
+        if "PUT manifest" in what:
+            raise BackendError("PUT manifest: connection reset (simulated)", retryable=True)
+        return real(what, method, *a, **k)
+
+    hook_call(store, refused)
+    up = store.upload("unknown.raw")
+    write_all(up, data)
+    with pytest.raises(BackendError):
+        up.commit({})
+    up.abort()
+    conn = raw(table)
+    assert [s for s in listing(conn, seg_container(table)) if s.startswith(up.group + "/")]
+    assert PENDING_PREFIX + up.uid in markers(table)  # cleanup_leftovers decides later
+    conn.close()
+    store._call = SwiftStore._call.__get__(store)  # type: ignore[method-assign]
+    store._delete_group(up.group)
+    store._delete_quietly(store.segment_container, PENDING_PREFIX + up.uid)
+
+    in_put, go = threading.Event(), threading.Event()
+
+    def slow(real: Any, what: str, method: str, *a: Any, **k: Any) -> Any:
+        if "PUT manifest" in what:
+            in_put.set()
+            assert go.wait(30)
+        return real(what, method, *a, **k)
+
+    hook_call(store, slow)
+    up = store.upload("slow.raw")
+    write_all(up, data)
+    result: list[Any] = []
+    t = threading.Thread(target=lambda: result.append(up.commit({})))
+    t.start()
+    assert in_put.wait(30)
+    up.abort()  # the bridge gave up on commit: abort must not touch its segments
+    go.set()
+    t.join(60)
+    assert result and result[0].size == len(data)
+    assert store.read_range("slow.raw", result[0].version, 0, len(data)) == data
+    assert_clean(table)
+
+
+def test_manifest_etag_mismatch_fails_the_commit(
+        swift_store_table: dict[str, Any], open_store: Callable[..., SwiftStore]) -> None:
+    """P3-7: the manifest PUT's ETag must be the SLO ETag we computed."""
+    store = open_store(swift_store_table, segment_size="1MiB")
+
+    def wrong(real: Any, what: str, method: str, *a: Any, **k: Any) -> Any:
+        r = real(what, method, *a, **k)
+        return "0" * 32 if "PUT manifest" in what else r
+
+    hook_call(store, wrong)
+    up = store.upload("e.raw")
+    write_all(up, pattern(2 * MiB + 1, "e"))
+    with pytest.raises(BackendError, match="ETag"):
+        up.commit({})
+
+
+def test_rename_failures_never_leave_two_manifests_on_one_group(
+        table: dict[str, Any], open_store: Callable[..., SwiftStore]) -> None:
+    """P1-2: a failed DELETE of the old name rolls the copy back; delete() of a manifest whose
+    group another manifest uses deletes the manifest only; a rename cut short by a crash is
+    finished at the next mount."""
+    store = open_store(table, segment_size="1MiB")
+    a, b = pattern(3 * MiB, "ra"), pattern(2 * MiB + 3, "rb")
+    ia = upload(store, "a.raw", a)
+    upload(store, "b.raw", b)
+
+    def no_delete(real: Any, what: str, method: str, *a: Any, **k: Any) -> Any:
+        if what == "a.raw: DELETE":
+            raise BackendError("a.raw: DELETE: HTTP 503 (simulated)", retryable=True)
+        return real(what, method, *a, **k)
+
+    hook_call(store, no_delete)
+    with pytest.raises(BackendError):
+        store.rename("a.raw", "b.raw")
+    store._call = SwiftStore._call.__get__(store)  # type: ignore[method-assign]
+    with pytest.raises(NotFound):  # the copy was removed, and with it b's old image
+        store.stat("b.raw")
+    assert store.read_range("a.raw", ia.version, 0, len(a)) == a
+    assert_clean(table)
+
+    # two manifests on one group (as a crash between copy and DELETE leaves them)
+    conn = raw(table)
+    c = table["container"]
+    conn.put_object(c, "copy.raw", None, headers={"X-Copy-From": f"/{c}/a.raw"},
+                    query_string="multipart-manifest=get")
+    store.delete("a.raw")
+    assert store.read_range("copy.raw", ia.version, 0, len(a)) == a
+    assert_clean(table)
+    i2 = upload(store, "copy.raw", b)  # replacing the last user deletes the group
+    assert store.read_range("copy.raw", i2.version, 0, len(b)) == b
+    assert_clean(table)
+
+    # a crash between copy and DELETE: the next mount finishes the rename
+    group = conn.head_object(c, "copy.raw")["x-object-meta-imagefs-segments"]
+    conn.put_object(c, "new.raw", None, headers={"X-Copy-From": f"/{c}/copy.raw"},
+                    query_string="multipart-manifest=get")
+    conn.put_object(seg_container(table), PENDING_PREFIX + "otherhost_1_1_feed",
+                    json.dumps({"op": "rename", "image": "new.raw", "source": "copy.raw",
+                                "group": group, "groups": []}).encode())
+    assert open_store(table, leftover_age=0.0).cleanup_leftovers() == 0
+    assert listing(conn, c) == ["new.raw"]
+    assert store.read_range("new.raw", i2.version, 0, len(b)) == b
+    assert_clean(table)
+    conn.close()
+
+
+def test_set_meta_racing_a_replace_keeps_the_new_images_own_metadata(
+        table: dict[str, Any], open_store: Callable[..., SwiftStore]) -> None:
+    """P1-3: a replace between set_meta's HEAD and its POST: the new image keeps its own size,
+    ETag and segment group, and stays readable."""
+    store = open_store(table, segment_size="1MiB")
+    other = open_store(table, segment_size="1MiB")
+    old, new = pattern(3 * MiB, "so"), pattern(5 * MiB + 1, "sn")
+    upload(store, "img.raw", old)
+    real = store._head_headers
+
+    def then_replace(name: str, newest: bool = False) -> Any:
+        r = real(name, newest)
+        upload(other, "img.raw", new)
+        return r
+
+    store._head_headers = then_replace  # type: ignore[method-assign]
+    store.set_meta("img.raw", {"mtime": "12345"})
+    store._head_headers = real  # type: ignore[method-assign]
+    fresh = open_store(table)
+    info = fresh.stat("img.raw")
+    assert info.size == len(new)
+    assert fresh.read_range("img.raw", info.version, 0, len(new)) == new
+    assert_clean(table)
+
+
+def test_abort_racing_an_abandoned_write_leaks_nothing(
+        swift_store_table: dict[str, Any], open_store: Callable[..., SwiftStore]) -> None:
+    """P2-4: abort while a write the bridge gave up on still runs (here: stuck in the marker
+    PUT that starts streaming)."""
+    table = swift_store_table
+    store = open_store(table, segment_size="1MiB", timeout=5.0)
+    real = store._put_marker
+
+    def slow_marker(uid: str, record: Any) -> None:
+        time.sleep(1.0)
+        real(uid, record)
+
+    store._put_marker = slow_marker  # type: ignore[method-assign]
+    up = store.upload("img.raw")
+    up.write(0, pattern(MiB, "w"))  # buffered
+    t = threading.Thread(target=lambda: pytest.raises(BackendError, up.write, MiB,
+                                                      pattern(3 * MiB, "x")))
+    t.start()
+    time.sleep(0.2)
+    up.abort()
+    t.join(30)
+    assert not t.is_alive()
+    time.sleep(0.5)
+    conn = raw(table)
+    assert listing(conn, seg_container(table)) == []
+    conn.close()
+
+
+def test_failed_segment_deletes_keep_the_marker(
+        swift_store_table: dict[str, Any], open_store: Callable[..., SwiftStore]) -> None:
+    """P2-5: an abort whose segment DELETE fails keeps the marker (the next mount retries)."""
+    table = swift_store_table
+    store = open_store(table, segment_size="1MiB")
+    up = store.upload("img.raw")
+    write_all(up, pattern(3 * MiB, "f"))
+    conn = raw(table)
+    deadline = time.monotonic() + 30
+    while f"{up.group}/00000001" not in listing(conn, seg_container(table), prefix=up.group):
+        assert time.monotonic() < deadline, "segment 1 never arrived"
+        time.sleep(0.05)
+
+    def flaky(real: Any, what: str, method: str, *a: Any, **k: Any) -> Any:
+        if method == "delete_object" and "00000001" in what:
+            raise BackendError("HTTP 503 (simulated)", retryable=True)
+        return real(what, method, *a, **k)
+
+    hook_call(store, flaky)
+    up.abort()
+    assert markers(table) == [PENDING_PREFIX + up.uid]
+    assert listing(conn, seg_container(table), prefix=up.group) == [f"{up.group}/00000001"]
+    conn.close()
+    store._call = SwiftStore._call.__get__(store)  # type: ignore[method-assign]
+    assert store._delete_group(up.group) == (1, True)
+    store._delete_quietly(store.segment_container, PENDING_PREFIX + up.uid)
+    assert_clean(table)
+
+
+def test_read_of_an_image_deleted_while_open_is_changed(
+        table: dict[str, Any], open_store: Callable[..., SwiftStore]) -> None:
+    """P3-6: EIO (Changed), not ENOENT, for plain objects and SLOs alike."""
+    store = open_store(table, segment_size="1MiB")
+    small = upload(store, "small.raw", b"s" * 1000)
+    big = upload(store, "big.raw", pattern(2 * MiB + 5, "d"))
+    conn = raw(table)
+    conn.delete_object(table["container"], "small.raw")
+    conn.delete_object(table["container"], "big.raw")  # the segments stay (orphans)
+    conn.close()
+    with pytest.raises(Changed):
+        store.read_range("small.raw", small.version, 0, 10)
+    fresh = open_store(table)  # no segment map cached
+    with pytest.raises(Changed):
+        fresh.read_range("big.raw", big.version, 0, 10)
+
+
+def test_segment_maps_of_different_images_do_not_wait_for_each_other(
+        swift_store_table: dict[str, Any], open_store: Callable[..., SwiftStore]) -> None:
+    """P3-8: one lock per (name, version); a listing that merely lagged is not cached."""
+    table = swift_store_table
+    store = open_store(table, segment_size="1MiB", timeout=4.0)
+    ia = upload(store, "a.raw", pattern(2 * MiB + 1, "a"))
+    ib = upload(store, "b.raw", pattern(2 * MiB + 2, "b"))
+    real = store._build_segment_map
+    inside, go = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def build(name: str, *a: Any, **k: Any) -> Any:
+        calls.append(name)
+        if name == "a.raw":
+            inside.set()
+            assert go.wait(30)
+            return None  # as if the segment listing lagged behind
+        return real(name, *a, **k)
+
+    store._build_segment_map = build  # type: ignore[method-assign]
+    t = threading.Thread(target=store.read_range, args=("a.raw", ia.version, 0, 10))
+    t.start()
+    assert inside.wait(30)
+    assert store.read_range("b.raw", ib.version, 0, 10) == pattern(10, "b")
+    go.set()
+    t.join(30)
+    store.MAP_RETRY = 0.0  # type: ignore[misc]
+    store._build_segment_map = real  # type: ignore[method-assign]
+    assert store.read_range("a.raw", ia.version, 0, 10) == pattern(10, "a")
+    assert store._segment_maps[("a.raw", ia.version)][0] is not None
+    assert calls == ["a.raw", "b.raw"]
+
+
+def test_tls_options_and_close_of_every_connection(
+        swift_store_table: dict[str, Any], open_store: Callable[..., SwiftStore],
+        tmp_path: Path) -> None:
+    """P3-9 and P3-10: ``cacert``/``insecure`` reach both request paths; close() closes the
+    Connection of every thread."""
+    import ssl
+
+    table = swift_store_table
+    store = open_store(table, insecure=True, segment_size="1MiB")
+    assert store._ssl is not None and store._ssl.verify_mode == ssl.CERT_NONE
+    for i in range(3):
+        upload(store, f"i{i}.raw", pattern(2 * MiB, str(i)))
+    assert len(list(store.list())) == 3
+    conns = list(store._conns)
+    assert len(conns) >= 2 and all(c.insecure for c in conns)
+    store.close()
+    assert store._conns == [] and all(c.http_conn is None for c in conns)
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(BackendError, match="cacert"):
+        open_store(table, cacert=str(bad))
+
+
 CRASHER = r"""
 import json, os, signal, sys
 from pathlib import Path
