@@ -6,7 +6,11 @@ serve several clusters, and several pools of one cluster, at once.
 
 Connection
     One ``rados.Rados`` per store, opened in ``open()`` and kept for the life of the mount;
-    librados reconnects to monitors and resends to OSDs by itself after transient errors.
+    librados reconnects to monitors and resends to OSDs by itself after transient errors. A
+    client the cluster blocklisted (ESHUTDOWN) never recovers: the store then opens a new client
+    (a new address, so not blocklisted) under a lock, once per blocklisting and with back-off,
+    and drops its cached read handles; the old client is shut down at ``close()``, which first
+    waits (bounded) for reads in flight.
     ``client_mount_timeout``, ``rados_mon_op_timeout`` and ``rados_osd_op_timeout`` are set to
     the store's ``timeout``, so every librados/librbd call on a dead cluster returns ETIMEDOUT
     (→ ``BackendError`` → EIO) instead of blocking a worker thread forever. ``rados``/``rbd`` are
@@ -21,19 +25,34 @@ Uploads
     writes become ``write_zeroes``, which allocates nothing on objects that do not exist yet:
     sparse images stay sparse. Commit sets metadata, flushes, (glance_layout) creates and protects
     snapshot ``snap``, then renames the image to its final name: the name only ever shows a
-    complete image, with its snapshot already there.
+    complete image, with its snapshot already there. The published size is the last
+    ``truncate`` (``writer.py`` always sends one before commit) or the end of the furthest write.
+
+    The bridge abandons calls that pass their deadline, so a call on an upload may still run
+    when the next arrives. Every librbd call of an upload runs under its mutex (waits bounded
+    below the store timeout); a call that fails or ends after its deadline marks the upload
+    dead, and every later call raises ``BackendError``. ``abort`` marks it dead at once (a
+    commit checks that just before its rename) and removes the hidden image only while
+    ``rbd_id.<hidden name>`` still names this upload's image: a published image is never
+    touched by its hidden name.
 
 Replacing an existing image (commit or rename onto an existing name)
     RBD cannot rename over an existing image, so replacement is three steps:
-    (1) tag the old image with ``imagefs.restore_name`` and rename it to a hidden ``...-old``
-    name; (2) rename the new image to the name; (3) delete the old one. If (2) fails the old image
-    is renamed back. A crash between (1) and (2) leaves the old image hidden but intact, and
-    ``cleanup_leftovers`` renames it back (the tag says where) if the name is still free; a crash
-    after (2) leaves a hidden old image that cleanup deletes. So a crash never loses the published
-    image, and no reader ever sees a partial one; the price is a short window between (1) and (2)
-    where a fresh lookup by another client finds no image. The alternative order (new in first)
-    is impossible without an atomic rename-over. An image whose ``snap`` has clones is never
-    replaced or deleted: ``Busy`` (EBUSY) and a log line.
+    (1) tag the old image with ``imagefs.restore_name`` and ``imagefs.aside_at`` (the time) and
+    rename it to a hidden ``...-old`` name; (2) rename the new image to the name and remove the
+    ``restore_name`` tag from the old one; (3) delete the old one. If (2) fails the old image is
+    renamed back. After any failed rename, ``rbd_id.<name>`` of both names is read again before
+    anything is rolled back or removed (a rename that timed out may have happened). A crash
+    between (1) and (2) leaves the old image hidden but intact, and ``cleanup_leftovers`` renames
+    it back (the tag says where) if the name is still free; a crash after (2) leaves an untagged
+    hidden old image that cleanup deletes. Other hosts' aside images are judged by
+    ``aside_at``, not by their creation time. So a crash never loses the published image, and
+    no reader ever sees a partial one; the price is a short window between (1) and (2) where a
+    fresh lookup by another client finds no image. The alternative order (new in first) is
+    impossible without an atomic rename-over. An image that imagefs could not remove afterwards
+    is refused in step (1), before anything is renamed, and never deleted either: ``Busy``
+    (EBUSY) and a log line, when a snapshot has clones, when it has snapshots other than
+    ``snap``, or (replace only) when another client watches it (a VM, ``rbd map``).
 
 Versions and reads
     ``version`` is the RBD image id: every upload is a new image, so new bytes mean a new id,
@@ -44,6 +63,8 @@ Versions and reads
     that id. The check must come after the read: librbd returns zeros, not an error, from a handle
     on an image that was deleted meanwhile, so an unchecked read of a replaced image could mix old
     bytes with zeros. (``rbd_id.<name>`` is the format-2 name→id object librbd itself uses.)
+    A read of an image deleted since the file was opened is ``Changed`` (EIO), as after a
+    replace, never ``NotFound``.
 
 Listing and stat cache
     ``list()`` gets names and ids in one call (``list2``); the per-image facts (size, metadata)
@@ -65,9 +86,11 @@ from __future__ import annotations
 
 import calendar
 import concurrent.futures
+import contextlib
 import errno
 import logging
 import struct
+import threading
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -116,6 +139,17 @@ GROW_ALIGN = 4 * MiB
 LIST_WORKERS = 8
 #: Attempts at publishing when another client publishes the same name at the same moment.
 PUBLISH_TRIES = 5
+#: On an image moved aside during a replace: when (time.time()) it was moved aside. Its
+#: create_timestamp is the old image's birth, useless to judge whether a replace is still on.
+ASIDE_KEY = META_PREFIX + "aside_at"
+#: Waits for an upload's mutex (and for reads in flight at close) as a fraction of the store
+#: timeout: shorter than the bridge's deadline, so a stuck call surfaces as an error here.
+LOCK_WAIT_FRACTION = 0.8
+#: An upload call that ends later than this fraction of its deadline was (or may have been)
+#: abandoned by the bridge: its effects must not count.
+LATE_FRACTION = 0.9
+#: Reconnect back-off after a blocklisting, in seconds (doubling up to the maximum).
+RECONNECT_MIN, RECONNECT_MAX = 1.0, 60.0
 
 
 def _errno(e: BaseException) -> int | None:
@@ -142,6 +176,12 @@ def _fail(e: BaseException, what: str) -> StoreError:
     return BackendError(text, retryable=retry)
 
 
+def _blocklisted(e: BaseException) -> bool:
+    """The cluster blocklisted this client (EBLOCKLISTED is ESHUTDOWN): it never recovers."""
+    code = _errno(e)
+    return isinstance(code, int) and abs(code) == errno.ESHUTDOWN
+
+
 def _all_zero(data: bytes) -> bool:
     return data[0] == 0 and data[-1] == 0 and data.count(0) == len(data)
 
@@ -166,7 +206,16 @@ class _Handle:
 
 
 class RbdUpload(Upload):
-    """A hidden image being written; becomes visible only in ``commit``."""
+    """A hidden image being written; becomes visible only in ``commit``.
+
+    Every call on the librbd ``Image`` runs under ``_mutex``: the bridge abandons a call that
+    passes its deadline, so a write may still run while the next call (truncate, commit, abort)
+    arrives, and librbd does not survive a resize racing a write on one Image. Waits for the
+    mutex are bounded below the store timeout. A call that fails, or that finishes after its
+    deadline (its thread was abandoned), marks the upload ``dead``: every later call raises
+    ``BackendError``, so bytes of unknown state are never published. ``abort`` marks it dead
+    without waiting; if the mutex stays busy, the call holding it cleans up when it ends.
+    """
 
     def __init__(self, store: RbdStore, name: str, size_hint: int | None) -> None:
         self.store = store
@@ -177,129 +226,190 @@ class RbdUpload(Upload):
         self.size = 0  # the logical size: what commit publishes
         self.capacity = size_hint or 0  # the image's actual size, ahead of ``size`` on growth
         self.image: Any = None
+        self.image_id = ""
+        #: Set by abort, by a failed call and by a call that outlived its deadline.
+        self.dead = False
+        #: abort() ran (or is waiting): whoever holds the mutex last removes the image.
+        self.aborting = False
+        self._mutex = threading.Lock()
         rbd = store.rbd
         try:
-            rbd.RBD().create(store.ioctx, tmp, self.capacity)
+            rbd.RBD().create(store._conn(), tmp, self.capacity)
         except Exception as e:
-            raise _fail(e, f"{store.id}: cannot create upload image for {name}") from None
+            raise store._err(e, f"{store.id}: cannot create upload image for {name}") from None
         try:
-            self.image = rbd.Image(store.ioctx, tmp)
+            self.image = rbd.Image(store._conn(), tmp)
+            self.image_id = self.image.id()
             # librbd keeps its cache writethrough until the first flush it sees
             # (rbd_cache_writethrough_until_flush): FUSE hands over 128 KiB writes, each then a
             # synchronous OSD round trip. An empty flush now switches to writeback; commit
             # flushes before the image gets its name, so nothing unflushed is ever published.
             self.image.flush()
         except Exception as e:
-            self._remove_tmp()
-            raise _fail(e, f"{store.id}: cannot open upload image for {name}") from None
+            self.dead = True
+            if self.image is not None:
+                store._close_image(self.image)
+                self.image = None
+            if self.image_id:
+                self._remove_tmp()
+            else:  # opened nothing: the name can only be ours (it has a random part)
+                try:
+                    store._remove_image(tmp)
+                except StoreError as e2:
+                    log.warning("%s: could not remove upload image %s: %s", store.id, tmp, e2)
+            raise store._err(e, f"{store.id}: cannot open upload image for {name}") from None
 
-    def _img(self) -> Any:
-        if self.image is None:
-            raise BackendError(f"{self.store.id}/{self.name}: upload already finished")
-        return self.image
+    def _what(self) -> str:
+        return f"{self.store.id}/{self.name}"
 
-    def _grow(self, end: int) -> None:
+    @contextlib.contextmanager
+    def _locked(self, what: str, deadline: float | None) -> Iterator[Any]:
+        """The Image, under the mutex, for one call; any failure kills the upload.
+
+        ``deadline`` is the caller's bridge deadline in seconds (None: not bounded here); a
+        call that ends after it was abandoned by the bridge, so its effects must not count.
+        """
+        t0 = time.monotonic()
+        if not self._mutex.acquire(timeout=self.store._lock_wait()):
+            self.dead = True
+            raise BackendError(f"{self._what()}: {what}: an earlier call on this upload is "
+                               "still running", retryable=True)
+        try:
+            if self.dead or self.image is None:
+                raise BackendError(f"{self._what()}: {what}: upload already finished or failed")
+            try:
+                yield self.image
+            except BaseException as e:
+                self.dead = True
+                raise self.store._err(e, f"{self._what()}: {what}") from None
+            if deadline is not None and time.monotonic() - t0 > deadline * LATE_FRACTION:
+                self.dead = True
+                raise BackendError(f"{self._what()}: {what} outlived its deadline",
+                                   retryable=True)
+        finally:
+            try:
+                if self.aborting:
+                    self._abort_locked()
+            finally:
+                self._mutex.release()
+
+    def _grow(self, img: Any, end: int) -> None:
+        """Make the image at least ``end`` bytes; never shrinks it."""
         if end <= self.capacity:
             return
         want = max(end, self.capacity + min(self.capacity, GROW_MAX))
         want = -(-want // GROW_ALIGN) * GROW_ALIGN
-        self._img().resize(want)
+        want = max(want, img.size())
+        img.resize(want)
         self.capacity = want
 
     def write(self, offset: int, data: bytes) -> None:
         if not data:
             return
         end = offset + len(data)
-        try:
-            self._grow(end)
-            img = self._img()
+        with self._locked(f"write at {offset}", self.store.timeout) as img:
+            self._grow(img, end)
             if _all_zero(data):
                 img.write_zeroes(offset, len(data))  # allocates nothing where nothing is
             else:
                 n = img.write(data, offset)
                 if n != len(data):
                     raise BackendError(f"short write: {n} of {len(data)} bytes")
-        except Exception as e:
-            raise _fail(e, f"{self.store.id}/{self.name}: write at {offset}") from None
-        self.size = max(self.size, end)
+        self.size = max(self.size, end)  # only reached if the call counted (see _locked)
 
     def read(self, offset: int, length: int) -> bytes:
-        n = max(0, min(length, self.size - offset))
-        if n == 0:
-            return b""
-        try:
-            data = self._img().read(offset, n)
-        except Exception as e:
-            raise _fail(e, f"{self.store.id}/{self.name}: read at {offset}") from None
+        with self._locked(f"read at {offset}", self.store.timeout) as img:
+            n = max(0, min(length, self.size - offset))
+            data = img.read(offset, n) if n else b""
         return data + bytes(n - len(data))
 
     def truncate(self, size: int) -> None:
-        try:
+        with self._locked(f"truncate to {size}", self.store.timeout) as img:
             if size < self.capacity:
                 # Shrinking drops the bytes past ``size``; growing later reads zeros there.
-                self._img().resize(size)
+                img.resize(size)
                 self.capacity = size
             else:
-                self._grow(size)
-        except Exception as e:
-            raise _fail(e, f"{self.store.id}/{self.name}: truncate to {size}") from None
-        self.size = size
+                self._grow(img, size)
+            self.size = size
 
     def flush(self) -> None:
-        try:
-            self._img().flush()
-        except Exception as e:
-            raise _fail(e, f"{self.store.id}/{self.name}: flush") from None
+        with self._locked("flush", self.store.timeout) as img:
+            img.flush()
 
     def commit(self, meta: Mapping[str, str]) -> ImageInfo:
         store = self.store
-        img = self._img()
+        stored = user_meta(meta)
         try:
-            if self.capacity != self.size:
-                img.resize(self.size)
-                self.capacity = self.size
-            stored = user_meta(meta)
-            for key, value in stored.items():
-                img.metadata_set(META_PREFIX + key, value)
-            img.flush()
-            if store.glance_layout:
-                img.create_snap(SNAP)
-                img.protect_snap(SNAP)
-            image_id = img.id()
-            created = _timestamp(img.create_timestamp())
-            img.close()
-            self.image = None
-            assert self.tmp is not None
-            store._publish(self.tmp, self.name)
-            self.tmp = None
-        except Exception as e:
+            with self._locked("publish", None) as img:
+                if self.capacity != self.size:
+                    img.resize(self.size)
+                    self.capacity = self.size
+                for key, value in stored.items():
+                    img.metadata_set(META_PREFIX + key, value)
+                img.flush()
+                if store.glance_layout:
+                    img.create_snap(SNAP)
+                    img.protect_snap(SNAP)
+                created = _timestamp(img.create_timestamp())
+                self.image = None
+                store._close_image(img)
+                if self.dead:  # aborted meanwhile (abort does not wait for the mutex to mark it)
+                    raise BackendError(f"{self._what()}: aborted during publish")
+                assert self.tmp is not None
+                tmp, self.tmp = self.tmp, None  # from here on, never touched by that name
+                try:
+                    store._publish(tmp, self.name, self.image_id)
+                except BaseException:
+                    self.tmp = tmp  # not published: _remove_tmp checks the id before removing
+                    raise
+        except BaseException:
             self.abort()
-            raise _fail(e, f"{store.id}/{self.name}: publish") from None
+            raise
         info = ImageInfo(name=self.name, size=self.size, mtime=meta_mtime(stored, created),
-                         mode=meta_mode(stored), version=image_id, meta=stored)
+                         mode=meta_mode(stored), version=self.image_id, meta=stored)
         store._remember(info)
         return info
 
     def _remove_tmp(self) -> None:
-        if self.tmp is None:
+        """Remove the upload image, only if its name still refers to this upload's image."""
+        tmp, self.tmp = self.tmp, None
+        if tmp is None:
             return
+        store = self.store
         try:
-            self.store._remove_image(self.tmp)
+            if self.image_id and store._image_id(tmp) != self.image_id:
+                log.warning("%s: %s no longer names this upload's image: not removing it",
+                            store.id, tmp)
+                return
+            store._remove_image(tmp)
         except NotFound:
             pass
         except StoreError as e:
             log.warning("%s: could not remove upload image %s: %s (removed at next mount)",
-                        self.store.id, self.tmp, e)
+                        store.id, tmp, e)
 
-    def abort(self) -> None:
+    def _abort_locked(self) -> None:
+        self.dead = True
+        self.aborting = False
         img, self.image = self.image, None
         if img is not None:
-            try:
-                img.close()
-            except Exception as e:
-                log.debug("%s: closing upload image %s: %s", self.store.id, self.tmp, e)
+            self.store._close_image(img)
         self._remove_tmp()
-        self.tmp = None
+
+    def abort(self) -> None:
+        self.dead = True
+        self.aborting = True
+        if not self._mutex.acquire(timeout=self.store._lock_wait()):
+            # The call holding the mutex sees ``aborting`` when it ends and cleans up then.
+            log.warning("%s: abort: an earlier call on this upload is still running; its image "
+                        "is removed when that call ends", self._what())
+            return
+        try:
+            if self.aborting:
+                self._abort_locked()
+        finally:
+            self._mutex.release()
 
 
 class RbdStore(Store):
@@ -334,6 +444,14 @@ class RbdStore(Store):
         self.leftover_age: float = o["leftover_age"]
         self.fsid = ""
         self.cluster: Any = None
+        #: Serializes (re)connecting; ``_lock`` guards the caches.
+        self._conn_lock = threading.Lock()
+        #: Clients replaced after a blocklisting: calls may still hold their handles, so they
+        #: are shut down only at close().
+        self._retired: list[tuple[Any, Any]] = []
+        self._next_reconnect = 0.0
+        self._backoff = RECONNECT_MIN
+        self._closed = False
         self.ioctx: Any = None
         self.rados: Any = None
         self.rbd: Any = None
@@ -361,6 +479,14 @@ class RbdStore(Store):
         import rbd
 
         self.rados, self.rbd = rados, rbd
+        self._closed = False
+        self.cluster, self.ioctx = self._connect()
+        log.info("store %s: connected to cluster %s, pool %s%s", self.id, self.fsid, self.pool,
+                 f", namespace {self.namespace}" if self.namespace else "")
+
+    def _connect(self) -> tuple[Any, Any]:
+        """A new connected client and its ioctx on the pool (and namespace)."""
+        rados = self.rados
         t = str(max(1, int(self.timeout)))
         conf = {"client_mount_timeout": t, "rados_mon_op_timeout": t, "rados_osd_op_timeout": t}
         if self.keyring:
@@ -380,23 +506,81 @@ class RbdStore(Store):
             cluster.shutdown()
             err = _fail(e, f"{where}, pool {self.pool}")
             raise (BackendError(str(err)) if isinstance(err, NotFound) else err) from None
-        self.cluster, self.ioctx = cluster, ioctx
-        log.info("store %s: connected to cluster %s, pool %s%s", self.id, self.fsid, self.pool,
-                 f", namespace {self.namespace}" if self.namespace else "")
+        return cluster, ioctx
+
+    def _err(self, e: BaseException, what: str) -> StoreError:
+        """``_fail``, and a reconnect if the error says this client was blocklisted."""
+        if _blocklisted(e):
+            self._reconnect()
+        return _fail(e, what)
+
+    def _reconnect(self) -> None:
+        """Replace a blocklisted client: a new client has a new address, so it is not.
+
+        Once per blocklisting: the current client is probed first (an error may come from a
+        handle of a client already replaced), and attempts back off exponentially.
+        """
+        with self._conn_lock:
+            if self._closed or self.ioctx is None or time.monotonic() < self._next_reconnect:
+                return
+            try:
+                self.ioctx.stat("rbd_directory")
+                return  # the current client works: the error came from a retired one
+            except Exception as e:
+                if not _blocklisted(e):
+                    return
+            self._next_reconnect = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, RECONNECT_MAX)
+            try:
+                cluster, ioctx = self._connect()
+            except StoreError as e:
+                log.warning("store %s: this client was blocklisted and reconnecting failed: %s",
+                            self.id, e)
+                return
+            with self._lock:
+                self._retired.append((self.cluster, self.ioctx))
+                self.cluster, self.ioctx = cluster, ioctx
+                handles, self._handles = list(self._handles.values()), OrderedDict()
+                for h in handles:
+                    h.doomed = True
+                idle = [h.image for h in handles if h.refs == 0]
+                self._stats.clear()
+            self._backoff = RECONNECT_MIN
+            log.warning("store %s: this client was blocklisted by the cluster; reconnected as a "
+                        "new client", self.id)
+        for image in idle:
+            self._close_image(image)
 
     def close(self) -> None:
-        with self._lock:
-            handles, self._handles = list(self._handles.values()), OrderedDict()
-        for h in handles:
-            h.doomed = True
-            if h.refs == 0:
-                self._close_image(h.image)
-        if self.ioctx is not None:
-            self.ioctx.close()
-            self.ioctx = None
-        if self.cluster is not None:
-            self.cluster.shutdown()
-            self.cluster = None
+        """Close read handles (waiting, bounded, for reads in flight), then the clients."""
+        with self._conn_lock:
+            self._closed = True
+            deadline = time.monotonic() + self._lock_wait()
+            while True:
+                with self._lock:
+                    busy = sum(h.refs for h in self._handles.values())
+                    if not busy or time.monotonic() > deadline:
+                        handles, self._handles = list(self._handles.values()), OrderedDict()
+                        clients, self._retired = self._retired, []
+                        if self.cluster is not None:
+                            clients.append((self.cluster, self.ioctx))
+                        self.cluster = self.ioctx = None
+                        break
+                time.sleep(0.02)
+            if busy:
+                log.warning("store %s: closing with %d read(s) still running", self.id, busy)
+            for h in handles:
+                h.doomed = True
+                if h.refs == 0:
+                    self._close_image(h.image)
+            for cluster, ioctx in clients:
+                try:
+                    ioctx.close()
+                finally:
+                    cluster.shutdown()
+
+    def _lock_wait(self) -> float:
+        return max(0.05, self.timeout * LOCK_WAIT_FRACTION)
 
     def _conn(self) -> Any:
         if self.ioctx is None:
@@ -409,7 +593,7 @@ class RbdStore(Store):
         try:
             raw = self._conn().read("rbd_id." + name, 4096, 0)
         except Exception as e:
-            raise _fail(e, f"{self.id}/{name}") from None
+            raise self._err(e, f"{self.id}/{name}") from None
         if len(raw) < 4:
             raise BackendError(f"{self.id}/{name}: malformed rbd_id object")
         (n,) = struct.unpack_from("<I", raw)
@@ -419,7 +603,7 @@ class RbdStore(Store):
         try:
             return self.rbd.Image(self._conn(), name, read_only=read_only)
         except Exception as e:
-            raise _fail(e, f"{self.id}/{name}") from None
+            raise self._err(e, f"{self.id}/{name}") from None
 
     @staticmethod
     def _close_image(image: Any) -> None:
@@ -455,7 +639,7 @@ class RbdStore(Store):
         try:
             info = self._info(name, image)
         except Exception as e:
-            raise _fail(e, f"{self.id}/{name}") from None
+            raise self._err(e, f"{self.id}/{name}") from None
         finally:
             self._close_image(image)
         self._remember(info)
@@ -466,7 +650,7 @@ class RbdStore(Store):
         try:
             entries = [(e["name"], e["id"]) for e in self.rbd.RBD().list2(self._conn())]
         except Exception as e:
-            raise _fail(e, f"store {self.id}: listing pool {self.pool}") from None
+            raise self._err(e, f"store {self.id}: listing pool {self.pool}") from None
         names: list[str] = []
         infos: dict[str, ImageInfo] = {}
         for name, image_id in entries:
@@ -511,12 +695,17 @@ class RbdStore(Store):
                 h.refs += 1
                 self._handles.move_to_end(key)
                 return h
-        image = self._open_image(name)
+        try:
+            image = self._open_image(name)
+        except NotFound:
+            # Deleted (or renamed away) since the file was opened: that version is gone, as
+            # after a replace (EIO), not a missing file (ENOENT) for an open descriptor.
+            raise Changed(f"{self.id}/{name} was removed since it was opened") from None
         try:
             same = image.id() == version
         except Exception as e:
             self._close_image(image)
-            raise _fail(e, f"{self.id}/{name}") from None
+            raise self._err(e, f"{self.id}/{name}") from None
         if not same:
             self._close_image(image)
             raise Changed(f"{self.id}/{name} changed since it was opened")
@@ -559,7 +748,7 @@ class RbdStore(Store):
                 data = h.image.read(offset, n) if n else b""
             except Exception as e:
                 doom = True
-                err = _fail(e, f"{self.id}/{name}: read at {offset}")
+                err = self._err(e, f"{self.id}/{name}: read at {offset}")
                 raise (Changed(str(err)) if isinstance(err, NotFound) else err) from None
             if len(data) != n:
                 doom = True
@@ -604,38 +793,84 @@ class RbdStore(Store):
                             "or replace it", self.id, name, snap["name"], which)
                 raise Busy(f"{self.id}/{name}: snapshot {snap['name']} has clones ({which})")
 
+    def _foreign_snaps(self, name: str, image: Any) -> None:
+        """Busy if ``image`` has snapshots imagefs did not make (only ``snap`` is ours)."""
+        others = [s["name"] for s in image.list_snaps() if s["name"] != SNAP]
+        if others:
+            log.warning("store %s: %s has snapshots %s not made by imagefs: not removing or "
+                        "replacing it", self.id, name, ", ".join(others[:5]))
+            raise Busy(f"{self.id}/{name} has snapshots: {', '.join(others[:5])}")
+
     def _remove_image(self, name: str) -> None:
-        """Remove an image and imagefs's ``snap``; never one with clones or other snapshots."""
+        """Remove an image and imagefs's ``snap``; never one with clones or other snapshots.
+
+        Everything that can refuse is checked before anything is changed.
+        """
         image = self._open_image(name, read_only=False)
         try:
             self._check_no_clones(name, image)
-            snaps = [s["name"] for s in image.list_snaps()]
-            if SNAP in snaps:
+            self._foreign_snaps(name, image)
+            if any(s["name"] == SNAP for s in image.list_snaps()):
                 if image.is_protected_snap(SNAP):
                     image.unprotect_snap(SNAP)
                 image.remove_snap(SNAP)
-            others = [s for s in snaps if s != SNAP]
-            if others:
-                log.warning("store %s: %s has snapshots %s not made by imagefs: not removing it",
-                            self.id, name, ", ".join(others[:5]))
-                raise Busy(f"{self.id}/{name} has snapshots: {', '.join(others[:5])}")
         except StoreError:
             raise
         except Exception as e:
-            raise _fail(e, f"{self.id}/{name}: removing snapshot") from None
+            raise self._err(e, f"{self.id}/{name}: removing snapshot") from None
         finally:
             self._close_image(image)
         try:
             self.rbd.RBD().remove(self._conn(), name)
         except Exception as e:
-            raise _fail(e, f"{self.id}/{name}: remove") from None
+            raise self._err(e, f"{self.id}/{name}: remove") from None
 
     def _rename(self, old: str, new: str) -> None:
         self.rbd.RBD().rename(self._conn(), old, new)
 
-    def _publish(self, src: str, dst: str) -> None:
-        """Give image ``src`` the name ``dst``, replacing an image there (see module doc)."""
+    def _id_or_none(self, name: str) -> str | None:
+        """The id ``name`` refers to, or None if no image has that name."""
+        try:
+            return self._image_id(name)
+        except NotFound:
+            return None
+
+    def _prepare_aside(self, dst: str) -> str:
+        """Step 1's checks and tags on the image at ``dst``; returns its id.
+
+        Busy if it must not be replaced: clones of a snapshot, snapshots imagefs did not make
+        (it could not remove the old image afterwards), or watchers (a VM or ``rbd map`` uses
+        it: removal would fail the same way). Read-only opens, like imagefs's, do not watch.
+        """
+        image = self._open_image(dst, read_only=False)
+        try:
+            self._check_no_clones(dst, image)
+            self._foreign_snaps(dst, image)
+            mine = str(self.cluster.get_addrs())  # our own read-write opens (this one too)
+            watchers = [w for w in image.watchers_list() if str(w.get("addr")) not in mine]
+            if watchers:
+                log.warning("store %s: %s is in use (watched by %s): not replacing it", self.id,
+                            dst, ", ".join(str(w.get("addr")) for w in watchers[:5]))
+                raise Busy(f"{self.id}/{dst} is in use ({len(watchers)} watchers)")
+            image.metadata_set(ASIDE_KEY, repr(time.time()))
+            image.metadata_set(RESTORE_KEY, dst)
+            return str(image.id())
+        except StoreError:
+            raise
+        except Exception as e:
+            raise self._err(e, f"{self.id}/{dst}: preparing replacement") from None
+        finally:
+            self._close_image(image)
+
+    def _publish(self, src: str, dst: str, src_id: str | None = None) -> None:
+        """Give image ``src`` the name ``dst``, replacing an image there (see module doc).
+
+        After any failed rename the names are looked up again (``rbd_id.<name>``) before
+        anything is rolled back or removed: a rename that timed out may have happened.
+        """
         rbd = self.rbd
+        if src_id is None:
+            src_id = self._image_id(src)
         for _ in range(PUBLISH_TRIES):
             try:
                 self._rename(src, dst)
@@ -644,38 +879,46 @@ class RbdStore(Store):
             except rbd.ImageExists:
                 pass
             except Exception as e:
-                raise _fail(e, f"{self.id}: rename {src} -> {dst}") from None
+                if self._id_or_none(dst) == src_id:
+                    self._forget(dst)
+                    return  # it did happen
+                raise self._err(e, f"{self.id}: rename {src} -> {dst}") from None
+            if self._id_or_none(dst) == src_id:
+                return  # an earlier attempt of ours did happen after all
             aside = f"{HIDDEN_PREFIX}{new_owner_id()}{OLD_SUFFIX}"
             try:
-                image = self._open_image(dst, read_only=False)
+                old_id = self._prepare_aside(dst)
             except NotFound:
                 continue  # removed meanwhile: try the plain rename again
-            try:
-                self._check_no_clones(dst, image)
-                image.metadata_set(RESTORE_KEY, dst)
-            except StoreError:
-                raise
-            except Exception as e:
-                raise _fail(e, f"{self.id}/{dst}: preparing replacement") from None
-            finally:
-                self._close_image(image)
+            # (1) old image aside
             try:
                 self._rename(dst, aside)
             except rbd.ImageNotFound:
                 continue
             except Exception as e:
-                raise _fail(e, f"{self.id}: rename {dst} aside") from None
+                if self._id_or_none(aside) != old_id:
+                    self._clear_tags(dst, old_id)
+                    raise self._err(e, f"{self.id}: rename {dst} aside") from None
+            if self._id_or_none(aside) != old_id:
+                # Another client replaced dst between our checks and the rename: what we moved
+                # aside was not checked. Put it back and start over.
+                self._put_back(aside, dst)
+                continue
+            # (2) new image in
             try:
                 self._rename(src, dst)
             except Exception as e:
-                try:
-                    self._rename(aside, dst)
-                    self._clear_restore_tag(dst)
-                except Exception as e2:
-                    log.error("store %s: could not put %s back after a failed replace (%s); it "
-                              "is kept as %s and restored at next mount", self.id, dst, e2, aside)
-                raise _fail(e, f"{self.id}: rename {src} -> {dst}") from None
+                now = self._id_or_none(dst)
+                if now != src_id:
+                    if now is None:
+                        self._put_back(aside, dst)
+                    else:
+                        log.error("store %s: %s was published by someone else during a replace; "
+                                  "the old image %s is left for cleanup", self.id, dst, aside)
+                    raise self._err(e, f"{self.id}: rename {src} -> {dst}") from None
             self._forget(dst)
+            # (3) the old image: untagged at once (a crash must not bring it back), then gone
+            self._clear_tags(aside, old_id, restore_only=True)
             try:
                 self._remove_image(aside)
             except StoreError as e:
@@ -685,12 +928,33 @@ class RbdStore(Store):
         raise BackendError(f"{self.id}/{dst}: other clients kept replacing it; gave up",
                            retryable=True)
 
-    def _clear_restore_tag(self, name: str) -> None:
-        image = self._open_image(name, read_only=False)
+    def _put_back(self, aside: str, dst: str) -> None:
+        """Undo step 1 (best effort: cleanup at the next mount restores it otherwise)."""
         try:
-            image.metadata_remove(RESTORE_KEY)
+            self._rename(aside, dst)
         except Exception as e:
-            log.debug("%s/%s: removing %s: %s", self.id, name, RESTORE_KEY, e)
+            log.error("store %s: could not put %s back after a failed replace (%s); it is kept "
+                      "as %s and restored at next mount", self.id, dst, e, aside)
+            return
+        self._clear_tags(dst, None)
+
+    def _clear_tags(self, name: str, image_id: str | None, restore_only: bool = False) -> None:
+        """Remove the replace tags from image ``name`` (if it still is ``image_id``)."""
+        try:
+            image = self._open_image(name, read_only=False)
+        except StoreError as e:
+            log.debug("%s/%s: removing replace tags: %s", self.id, name, e)
+            return
+        try:
+            if image_id is not None and image.id() != image_id:
+                return
+            for key in (RESTORE_KEY,) if restore_only else (RESTORE_KEY, ASIDE_KEY):
+                try:
+                    image.metadata_remove(key)
+                except Exception as e:
+                    log.debug("%s/%s: removing %s: %s", self.id, name, key, e)
+        except Exception as e:
+            log.debug("%s/%s: removing replace tags: %s", self.id, name, e)
         finally:
             self._close_image(image)
 
@@ -699,8 +963,7 @@ class RbdStore(Store):
         check_name(old)
         check_name(new)
         if old != new:
-            self._image_id(old)  # NotFound before anything else happens
-            self._publish(old, new)
+            self._publish(old, new, self._image_id(old))  # NotFound before anything happens
             self._forget(old)
         return self._stat_fresh(new)
 
@@ -719,7 +982,7 @@ class RbdStore(Store):
                 image.metadata_set(META_PREFIX + key, value)
             info = self._info(name, image)
         except Exception as e:
-            raise _fail(e, f"{self.id}/{name}: set metadata") from None
+            raise self._err(e, f"{self.id}/{name}: set metadata") from None
         finally:
             self._close_image(image)
         self._remember(info)
@@ -747,10 +1010,17 @@ class RbdStore(Store):
         except NotFound:
             return False
         try:
-            age = time.time() - _timestamp(image.create_timestamp())
+            since = None
+            if name.endswith(OLD_SUFFIX):
+                try:  # moved aside at: the image itself may be years old
+                    since = float(image.metadata_get(ASIDE_KEY))
+                except Exception:
+                    since = None  # moved aside by an older imagefs: only its age is known
+            if since is None:
+                since = _timestamp(image.create_timestamp())
         finally:
             self._close_image(image)
-        return age > self.leftover_age
+        return time.time() - since > self.leftover_age
 
     def cleanup_leftovers(self) -> int:
         """Remove uploads of dead writers; put back images a crash left moved aside."""
@@ -759,7 +1029,7 @@ class RbdStore(Store):
         try:
             names = [e["name"] for e in self.rbd.RBD().list2(self._conn())]
         except Exception as e:
-            raise _fail(e, f"store {self.id}: listing pool {self.pool}") from None
+            raise self._err(e, f"store {self.id}: listing pool {self.pool}") from None
         done = 0
         for name in names:
             if not is_hidden(name) or not self._dead(name):
@@ -790,8 +1060,8 @@ class RbdStore(Store):
         except self.rbd.ImageExists:
             return False  # the replacement was published: the old one is garbage
         except Exception as e:
-            raise _fail(e, f"{self.id}: restoring {target}") from None
-        self._clear_restore_tag(target)
+            raise self._err(e, f"{self.id}: restoring {target}") from None
+        self._clear_tags(target, None)
         log.warning("store %s: restored %s, left moved aside by a crash during a replace",
                     self.id, target)
         return True

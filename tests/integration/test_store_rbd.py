@@ -505,3 +505,386 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
         with pytest.raises(config_mod.ConfigError) as e:
             config_mod.parse({"stores": {"r": table}}, tmp_path / "c.toml")
         assert f"stores.r.{key}" in str(e.value)
+
+
+# ------------------------------------------------------------------------------- concurrency
+# The bridge abandons a call that passes its deadline, so a store call on an upload may still
+# run when the next one arrives. These drive the store from threads, as that leaves them.
+class _SlowImage:
+    """Wraps an upload's librbd Image: chosen methods sleep first (a stalled OSD, say)."""
+
+    def __init__(self, image: Any, delays: dict[str, float]) -> None:
+        self._image, self._delays = image, delays
+
+    def __getattr__(self, attr: str) -> Any:
+        fn = getattr(self._image, attr)
+        delay = self._delays.get(attr)
+        if not delay:
+            return fn
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            time.sleep(delay)
+            return fn(*args, **kwargs)
+        return slow
+
+
+def hidden(table: dict[str, Any]) -> list[str]:
+    return [n for n in listed(table) if n.startswith(".imagefs-")]
+
+
+def test_abandoned_write_and_truncate_never_race_in_librbd(
+        rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    """A write still running while truncate/another write come: serialized, nothing lost.
+
+    Unserialized, librbd aborted the whole process (object map assertion) or a racing
+    shrink zeroed written blocks.
+    """
+    import threading
+
+    store = open_store(rbd_store_table, tmp_path)
+    data = os.urandom(MiB)
+    try:
+        for i in range(4):
+            up = store.upload(f"t{i}.raw", None)
+
+            def writer(k: int, up: Any = up) -> None:
+                for j in range(12):
+                    up.write((j * 2 + k) * MiB, data)
+
+            threads = [threading.Thread(target=writer, args=(k,)) for k in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert all(up.read(j * MiB, MiB) == data for j in range(24)), "a write was lost"
+            # an abandoned writer and the next request's truncate(0), on one upload
+            t = threading.Thread(target=lambda up=up: [up.write(j * 4 * MiB, data * 4)
+                                                        for j in range(8)])
+            t.start()
+            for _ in range(10):
+                up.truncate(0)
+                time.sleep(0.003)
+            t.join()
+            up.truncate(3 * MiB)
+            got = up.read(0, 3 * MiB)
+            assert len(got) == 3 * MiB
+            up.abort()
+        assert hidden(rbd_store_table) == []
+    finally:
+        store.close()
+
+
+def test_call_that_outlives_its_deadline_poisons_the_upload(
+        rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    """A late write must not count: the upload refuses everything after it, nothing is published."""
+    store = open_store({**rbd_store_table, "timeout": 1.0}, tmp_path)
+    try:
+        up = store.upload("late.raw", None)
+        up.write(0, b"a" * 4096)
+        up.image = _SlowImage(up.image, {"write": 1.2})
+        with pytest.raises(BackendError):
+            up.write(4096, b"b" * 4096)  # ended after its deadline: the bridge gave up on it
+        assert up.size == 4096
+        for call in (lambda: up.write(0, b"c"), lambda: up.truncate(10), up.flush,
+                     lambda: up.commit({})):
+            with pytest.raises(BackendError):
+                call()
+        up.abort()
+        up.abort()  # twice is fine
+        assert listed(rbd_store_table) == []
+    finally:
+        store.close()
+
+
+def test_commit_publishes_the_truncated_size(rbd_store_table: dict[str, Any],
+                                             tmp_path: Path) -> None:
+    store = open_store(rbd_store_table, tmp_path)
+    try:
+        up = store.upload("s.raw", None)
+        up.write(0, b"x" * 10000)
+        up.truncate(4096)
+        assert up.commit({}).size == 4096
+        assert rbd_json(rbd_store_table, "info", "s.raw")["size"] == 4096
+    finally:
+        store.close()
+
+
+def test_abort_during_commit_before_the_rename_publishes_nothing(
+        rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    import threading
+
+    table = {**rbd_store_table, "glance_layout": True, "timeout": 5.0}
+    store = open_store(table, tmp_path)
+    try:
+        up = store.upload("a.raw", None)
+        up.write(0, b"z" * 8192)
+        up.image = _SlowImage(up.image, {"flush": 1.0})
+        errors: list[BaseException] = []
+
+        def commit() -> None:
+            try:
+                up.commit({})
+            except BaseException as e:
+                errors.append(e)
+
+        t = threading.Thread(target=commit)
+        t.start()
+        time.sleep(0.3)
+        up.abort()  # the commit was abandoned by the bridge; the writer aborts
+        t.join()
+        assert errors and isinstance(errors[0], BackendError)
+        assert listed(table) == []
+    finally:
+        store.close()
+
+
+def test_abort_during_commit_after_the_check_leaves_the_published_image_intact(
+        rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    """abort arriving while commit renames: the published image keeps its protected snap."""
+    import threading
+
+    table = {**rbd_store_table, "glance_layout": True, "timeout": 5.0}
+    store = open_store(table, tmp_path)
+    try:
+        up = store.upload("b.raw", None)
+        up.write(0, b"y" * 8192)
+        rename = store._rename  # type: ignore[attr-defined]
+
+        def slow_rename(old: str, new: str) -> None:
+            time.sleep(1.0)
+            rename(old, new)
+
+        store._rename = slow_rename  # type: ignore[attr-defined]
+        result: list[Any] = []
+        t = threading.Thread(target=lambda: result.append(up.commit({})))
+        t.start()
+        time.sleep(0.3)
+        up.abort()
+        t.join()
+        assert result and result[0].size == 8192
+        assert listed(table) == ["b.raw"]
+        assert rbd_json(table, "info", "b.raw@snap")["protected"] == "true"
+        out = tmp_path / "b.raw"
+        rbd(table, "export", "b.raw", out)
+        assert out.read_bytes() == b"y" * 8192
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------------------- refusals
+def test_foreign_snapshots_refuse_delete_and_replace_untouched(
+        rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    from imagefs.stores.base import Busy
+
+    table = {**rbd_store_table, "glance_layout": True}
+    store = open_store(table, tmp_path)
+    try:
+        up = store.upload("f.raw", None)
+        up.write(0, b"f" * 4096)
+        up.commit({})
+        rbd(table, "snap", "create", "f.raw@backup")
+        with pytest.raises(Busy):
+            store.delete("f.raw")
+        snaps = {s["name"]: s for s in rbd_json(table, "snap", "ls", "f.raw")}
+        assert set(snaps) == {"snap", "backup"}  # Glance's snap not stripped first
+        assert rbd_json(table, "info", "f.raw@snap")["protected"] == "true"
+        up = store.upload("f.raw", None)
+        up.write(0, b"g" * 4096)
+        with pytest.raises(Busy):
+            up.commit({})
+        assert listed(table) == ["f.raw"], "refused replace left images behind"
+        out = tmp_path / "f.raw"
+        rbd(table, "export", "f.raw", out)
+        assert out.read_bytes() == b"f" * 4096
+    finally:
+        store.close()
+
+
+def test_watched_image_is_not_replaced(ceph: Any, rbd_store_table: dict[str, Any],
+                                       tmp_path: Path) -> None:
+    import rbd as librbd
+
+    from imagefs.stores.base import Busy
+
+    store = open_store(rbd_store_table, tmp_path)
+    try:
+        up = store.upload("w.raw", None)
+        up.write(0, b"1" * 4096)
+        v1 = up.commit({})
+        with rados_connection(ceph) as cluster, \
+                cluster.open_ioctx(rbd_store_table["pool"]) as ioctx, \
+                librbd.Image(ioctx, "w.raw"):  # read-write: a watcher, like a VM
+            up = store.upload("w.raw", None)
+            up.write(0, b"2" * 4096)
+            with pytest.raises(Busy):
+                up.commit({})
+        assert listed(rbd_store_table) == ["w.raw"]
+        assert store.stat("w.raw").version == v1.version
+        # our own read handles do not count
+        assert store.read_range("w.raw", v1.version, 0, 4) == b"1111"
+        up = store.upload("w.raw", None)
+        up.write(0, b"3" * 4096)
+        assert up.commit({}).version != v1.version
+        assert listed(rbd_store_table) == ["w.raw"]
+    finally:
+        store.close()
+
+
+def test_read_of_an_image_deleted_elsewhere_is_changed_not_notfound(
+        rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    a = open_store(rbd_store_table, tmp_path, "a")
+    b = open_store(rbd_store_table, tmp_path, "b")
+    try:
+        up = a.upload("d.raw", None)
+        up.write(0, b"d" * 4096)
+        v = up.commit({})
+        b.delete("d.raw")
+        with pytest.raises(Changed):  # no handle cached in b: the open itself finds nothing
+            b.read_range("d.raw", v.version, 0, 10)
+    finally:
+        a.close()
+        b.close()
+
+
+# ------------------------------------------------------------------------------- blocklisting
+def test_blocklisted_client_reconnects(ceph: Any, rbd_store_table: dict[str, Any],
+                                       tmp_path: Path) -> None:
+    import re
+
+    store = open_store({**rbd_store_table, "timeout": 5.0}, tmp_path)
+    addr = re.search(r"([0-9.]+:\d+/\d+)", store.cluster.get_addrs()).group(1)  # type: ignore
+    blocklist = ["ceph", "-c", str(ceph.conf), "--keyring", str(ceph.keyring), "--id",
+                 str(ceph.user), "osd", "blocklist"]
+    try:
+        up = store.upload("bl.raw", None)
+        up.write(0, b"b" * 4096)
+        v = up.commit({})
+        assert store.read_range("bl.raw", v.version, 0, 4) == b"bbbb"
+        tool("ceph")
+        sh(*blocklist, "add", addr)
+        failures = 0
+        deadline = time.monotonic() + 60
+        while True:  # the first call(s) fail with ESHUTDOWN and trigger the reconnect
+            try:
+                assert store.read_range("bl.raw", v.version, 0, 4) == b"bbbb"
+                break
+            except BackendError:
+                failures += 1
+                assert time.monotonic() < deadline, "never reconnected"
+                time.sleep(0.2)
+        assert failures <= 2
+        assert addr not in store.cluster.get_addrs()  # type: ignore[attr-defined]
+        assert store.stat("bl.raw").version == v.version
+        up = store.upload("bl2.raw", None)
+        up.write(0, b"c" * 4096)
+        assert up.commit({}).size == 4096
+    finally:
+        store.close()
+        sh(*blocklist, "rm", addr, check=False)
+
+
+# ------------------------------------------------------------------------------- replacing
+def test_rename_that_failed_after_happening_is_not_rolled_back(
+        rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    """Step 2's rename raises (a timeout) although it happened: ids decide, nothing is undone."""
+    store = open_store(rbd_store_table, tmp_path)
+    try:
+        up = store.upload("r.raw", None)
+        up.write(0, b"old" * 1000)
+        up.commit({})
+        rename = store._rename  # type: ignore[attr-defined]
+
+        def lying_rename(old: str, new: str) -> None:
+            rename(old, new)
+            if new == "r.raw" and old.startswith(".imagefs-") and not old.endswith("-old"):
+                raise OSError(errno.ETIMEDOUT, "timed out (but done)")
+
+        store._rename = lying_rename  # type: ignore[attr-defined]
+        up = store.upload("r.raw", None)
+        up.write(0, b"new" * 1000)
+        info = up.commit({})
+        assert listed(rbd_store_table) == ["r.raw"]
+        assert store.read_range("r.raw", info.version, 0, 3000) == b"new" * 1000
+    finally:
+        store.close()
+
+
+def test_aside_image_is_untagged_once_replaced(rbd_store_table: dict[str, Any],
+                                              tmp_path: Path) -> None:
+    """After step 2, a crash (here: a failed removal) must never bring the old image back."""
+    from imagefs.stores.rbd import ASIDE_KEY, RESTORE_KEY
+
+    store = open_store(rbd_store_table, tmp_path)
+    try:
+        up = store.upload("u.raw", None)
+        up.write(0, b"1" * 4096)
+        up.commit({})
+        remove = store._remove_image  # type: ignore[attr-defined]
+
+        def no_remove(name: str) -> None:
+            if name.endswith("-old"):
+                raise BackendError("injected")
+            remove(name)
+
+        store._remove_image = no_remove  # type: ignore[attr-defined]
+        up = store.upload("u.raw", None)
+        up.write(0, b"2" * 4096)
+        up.commit({})
+        (aside,) = hidden(rbd_store_table)
+        meta = rbd_json(rbd_store_table, "image-meta", "list", aside)
+        assert RESTORE_KEY not in meta and ASIDE_KEY in meta
+        rbd(rbd_store_table, "rm", aside)
+    finally:
+        store.close()
+
+
+def test_other_hosts_aside_images_are_judged_by_when_moved_aside(
+        rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    from imagefs.stores.rbd import ASIDE_KEY, RESTORE_KEY
+
+    fresh, stale = ".imagefs-elsewhere_1_1_aaaa-old", ".imagefs-elsewhere_1_1_bbbb-old"
+    for name, target in ((fresh, "fresh.raw"), (stale, "stale.raw")):
+        rbd(rbd_store_table, "create", "--size", "1M", name)
+        rbd(rbd_store_table, "image-meta", "set", name, RESTORE_KEY, target)
+    time.sleep(2.5)  # both images are older than leftover_age...
+    rbd(rbd_store_table, "image-meta", "set", fresh, ASIDE_KEY, repr(time.time()))
+    rbd(rbd_store_table, "image-meta", "set", stale, ASIDE_KEY, repr(time.time() - 100))
+    store = open_store({**rbd_store_table, "leftover_age": 2.0}, tmp_path)
+    try:
+        assert store.cleanup_leftovers() == 1  # ...but only one was moved aside that long ago
+        assert sorted(listed(rbd_store_table)) == sorted([fresh, "stale.raw"])
+    finally:
+        store.close()
+
+
+def test_close_waits_for_reads_in_flight(rbd_store_table: dict[str, Any],
+                                         tmp_path: Path) -> None:
+    import threading
+
+    store = open_store({**rbd_store_table, "timeout": 5.0}, tmp_path)
+    up = store.upload("c.raw", None)
+    up.write(0, b"c" * 4096)
+    v = up.commit({})
+    image_id = store._image_id  # type: ignore[attr-defined]
+
+    def slow_id(name: str) -> str:
+        time.sleep(1.0)  # the check after the read: the handle is in use meanwhile
+        return image_id(name)
+
+    store._image_id = slow_id  # type: ignore[attr-defined]
+    got: list[Any] = []
+
+    def read() -> None:
+        try:
+            got.append(store.read_range("c.raw", v.version, 0, 4))
+        except BaseException as e:
+            got.append(e)
+
+    t = threading.Thread(target=read)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    store.close()
+    assert time.monotonic() - t0 >= 0.4, "close did not wait for the read"
+    t.join()
+    assert got == [b"cccc"]
