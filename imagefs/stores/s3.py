@@ -16,9 +16,10 @@ Uploads
     holds a partial object, and a crash leaves only hidden keys that carry their owner's id.
 
     Part sizes start at ``part_size`` (or what a known size needs to fit 9,000 parts) and double
-    every 1,000 parts, so any image up to S3's 5 TiB fits in 10,000 parts. Memory per upload is
-    bounded by ``upload_memory``: parts that would not fit ``upload_concurrency + 1`` times in
-    it are buffered in unlinked temporary files instead of RAM.
+    every 1,000 parts, so any image up to S3's 5 TiB fits in 10,000 parts. Part buffers of all
+    uploads of the store together stay within ``upload_memory`` (``budget.py``): a part that
+    does not fit in what is left, or that would not fit ``upload_concurrency + 1`` times in the
+    whole budget, is buffered in an unlinked temporary file instead of RAM.
 
 Copies
     Rename, metadata changes and publishing are server-side copies with ``CopySourceIfMatch``:
@@ -71,6 +72,7 @@ from imagefs.stores.base import (
     meta_mtime,
     user_meta,
 )
+from imagefs.stores.budget import MemoryBudget
 from imagefs.stores.owners import new_owner_id, owner_state
 
 log = logging.getLogger(__name__)
@@ -123,12 +125,14 @@ def _part_size_for(base: int, number: int) -> int:
 class _Part:
     """One part's bytes: in memory when small enough, else in an unlinked temporary file."""
 
-    def __init__(self, number: int, size: int, in_memory: bool) -> None:
+    def __init__(self, number: int, size: int, budget: MemoryBudget | None) -> None:
+        """``budget``: where the part's memory was taken from (None: the part goes to a file)."""
         self.number = number
         self.size = size
         self.length = 0
-        self._mem: bytearray | None = bytearray() if in_memory else None
-        self._file: IO[bytes] | None = None if in_memory else tempfile.TemporaryFile()
+        self._budget = budget
+        self._mem: bytearray | None = bytearray() if budget is not None else None
+        self._file: IO[bytes] | None = None if budget is not None else tempfile.TemporaryFile()
 
     def add(self, data: memoryview) -> int:
         """Append what fits; returns how many bytes were taken."""
@@ -165,6 +169,9 @@ class _Part:
         return base64.b64encode(md5.digest()).decode()
 
     def release(self) -> None:
+        if self._budget is not None:
+            self._budget.give(self.size)
+            self._budget = None
         self._mem = None
         if self._file is not None:
             self._file.close()
@@ -215,7 +222,7 @@ class S3Upload(Upload):
         if number > MAX_PARTS:
             raise NoSpace(f"{self._what()}: image exceeds {MAX_PARTS} parts")
         size = _part_size_for(self.base_part, number)
-        return _Part(number, size, self.store._part_in_memory(size))
+        return _Part(number, size, self.store._part_budget(size))
 
     def write(self, offset: int, data: bytes) -> None:
         with self._mutex:
@@ -289,7 +296,7 @@ class S3Upload(Upload):
             store = self.store
             try:
                 if self.upload_id is None:
-                    part = self.part or _Part(1, 0, True)
+                    part = self.part or _Part(1, 0, None)
                     self.part = None
                     info = store._put_small(self.name, part, meta)
                 else:
@@ -328,6 +335,9 @@ class S3Upload(Upload):
     def _abort_locked(self) -> None:
         self.dead = True
         self.finished = True
+        if self.part is not None:
+            self.part.release()
+            self.part = None
         if self.part is not None:
             self.part.release()
             self.part = None
@@ -371,6 +381,8 @@ class S3Store(Store):
         self.part_size: int = o["part_size"]
         self.upload_concurrency: int = o["upload_concurrency"]
         self.upload_memory: int = o["upload_memory"]
+        #: Shared by every upload of this store: parts that do not fit go to temporary files.
+        self.memory = MemoryBudget(self.upload_memory, f"store {self.id}")
         self.copy_threshold: int = o["multipart_copy_threshold"]
         #: The longest one request may take with botocore's retries: bounds every wait.
         self.part_deadline: float = self.timeout * (o["max_attempts"] + 1)
@@ -616,8 +628,11 @@ class S3Store(Store):
         need = -(-size_hint // 9000)
         return min(MAX_PART, max(self.part_size, -(-need // MiB) * MiB))
 
-    def _part_in_memory(self, size: int) -> bool:
-        return size * (self.upload_concurrency + 1) <= self.upload_memory
+    def _part_budget(self, size: int) -> MemoryBudget | None:
+        """The budget a new part's memory came from, or None: that part goes to a file."""
+        if size * (self.upload_concurrency + 1) > self.upload_memory:
+            return None
+        return self.memory if self.memory.try_take(size) else None
 
     def upload(self, name: str, size_hint: int | None = None) -> Upload:
         self._writable()

@@ -20,8 +20,12 @@ Uploads
     ``min(segment_size, 16 MiB)`` are buffered; an image that ends there is one plain PUT at
     commit. Past that, each segment is one chunked PUT fed through a small bounded queue while the
     writer goes on, so memory per upload stays at a few chunks whatever ``segment_size`` is; up to
-    ``upload_concurrency`` segment PUTs are in flight. A segment whose writer stalls is closed
-    early (the next bytes start a new segment) so the proxy never times the PUT out. Segment PUTs
+    ``upload_concurrency`` segment PUTs are in flight. Buffered and queued bytes of all uploads
+    of the store together stay within ``upload_memory`` (``budget.py``; half for small images,
+    half for queued chunks): a small image that does not fit streams as an SLO, and a chunk
+    waits for others to be sent. A segment whose writer
+    stalls is closed early (the next bytes start a new segment) so the proxy never times the
+    PUT out. Segment PUTs
     are chunked requests made with ``http.client``: the body is that queue, every socket call is
     bounded by the store timeout (a dead proxy ends in an error, never a hang) and the returned
     ETag must be the md5 of the bytes sent (with ``cacert``/``insecure`` applied to TLS, as for
@@ -117,6 +121,7 @@ from imagefs.stores.base import (
     meta_mtime,
     user_meta,
 )
+from imagefs.stores.budget import MemoryBudget
 from imagefs.stores.owners import new_owner_id, owner_state
 
 log = logging.getLogger(__name__)
@@ -230,8 +235,10 @@ class _SegmentMap:
 class _Segment:
     """One segment PUT, fed by the writer through a bounded queue, sent by a pool thread."""
 
-    def __init__(self, index: int, obj: str, target: int) -> None:
+    def __init__(self, index: int, obj: str, target: int, budget: MemoryBudget) -> None:
         self.index = index
+        #: Every chunk in ``q`` holds its length from here until it is sent or drained.
+        self.budget = budget
         self.obj = obj
         self.target = target  # bytes this segment takes before the next one starts
         self.fed = 0  # bytes handed to the queue
@@ -258,10 +265,28 @@ class _Segment:
             if item is _END:
                 return
             if item is _ABORT or self.aborted:
+                if item is not _ABORT:
+                    self.budget.give(len(item))
                 raise BackendError("segment upload aborted")
             self.md5.update(item)
             self.sent += len(item)
-            yield item
+            try:
+                yield item
+            finally:
+                self.budget.give(len(item))
+
+    def drain(self) -> None:
+        """No PUT will send what is queued (it ended, or never started): close the segment
+        and give the queued chunks' memory back."""
+        with self.lock:
+            self.closed = True
+            while True:
+                try:
+                    item = self.q.get_nowait()
+                except queue.Empty:
+                    return
+                if isinstance(item, memoryview):
+                    self.budget.give(len(item))
 
 
 class SwiftUpload(Upload):
@@ -276,6 +301,7 @@ class SwiftUpload(Upload):
         self.group = f"{_safe_name(name)}/{self.uid}"
         self.size = 0
         self.small: list[bytes] | None = []
+        self.small_held = 0  # bytes of ``small`` taken from the store's memory budget
         self.small_limit = min(store.segment_size, SMALL_LIMIT)
         self.segments: list[_Segment] = []
         self.pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -318,7 +344,9 @@ class SwiftUpload(Upload):
                 return
             self._check_failed()
             if self.small is not None:
-                if self.size + len(data) <= self.small_limit:
+                if (self.size + len(data) <= self.small_limit
+                        and self.store.small_memory.try_take(len(data))):
+                    self.small_held += len(data)
                     self.small.append(bytes(data))
                     self.size += len(data)
                     return
@@ -334,6 +362,7 @@ class SwiftUpload(Upload):
                                           "groups": [self.group]})
         self.marker = True
         buffered, self.small = self.small or [], None
+        self._give_small()
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.store.upload_concurrency,
             thread_name_prefix=f"swift-up-{self.store.id}")
@@ -360,7 +389,8 @@ class SwiftUpload(Upload):
         if index >= self.store.max_segments:
             raise NoSpace(f"{self._what()}: more than {self.store.max_segments} segments "
                           f"(the server's limit); raise segment_size")
-        seg = _Segment(index, f"{self.group}/{index:08d}", self.store._segment_target(index))
+        seg = _Segment(index, f"{self.group}/{index:08d}", self.store._segment_target(index),
+                       self.store.memory)
         assert self.pool is not None
         self.segments.append(seg)
         seg.future = self.pool.submit(self.store._send_segment, seg)
@@ -380,13 +410,28 @@ class SwiftUpload(Upload):
             view = view[n:]
 
     def _put(self, seg: _Segment, item: Any) -> bool:
-        """Queue ``item`` for ``seg``; False if the segment closed itself first (idle)."""
+        """Queue ``item`` for ``seg``; False if the segment closed itself first (idle).
+
+        A chunk takes its length from the store's memory budget first (waiting, within the
+        store timeout, for other uploads' chunks to be sent); the segment gives it back."""
         deadline = time.monotonic() + self.store.timeout
+        held = len(item) if isinstance(item, memoryview) else 0
+        if held:
+            self.store.memory.take(held, self.store.timeout)
+        try:
+            return self._put_held(seg, item, deadline)
+        except BaseException:
+            self.store.memory.give(held)
+            raise
+
+    def _put_held(self, seg: _Segment, item: Any, deadline: float) -> bool:
         while True:
             if self.dead:
                 raise BackendError(f"{self._what()}: upload aborted")
             with seg.lock:
                 if seg.closed:
+                    if isinstance(item, memoryview):
+                        self.store.memory.give(len(item))
                     return False
                 try:
                     seg.q.put_nowait(item)
@@ -512,8 +557,14 @@ class SwiftUpload(Upload):
             self._unclear(e)
         return None
 
+    def _give_small(self) -> None:
+        self.store.small_memory.give(self.small_held)
+        self.small_held = 0
+
     def _commit_plain(self, headers: dict[str, str]) -> ImageInfo:
         body = b"".join(self.small or [])
+        self.small = None  # ``body`` is now the only copy
+        self._give_small()
         etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
         got = self._put_image(f"{self.name}: PUT", body, content_length=len(body), etag=etag,
                               content_type="application/octet-stream", headers=headers)
@@ -594,6 +645,7 @@ class SwiftUpload(Upload):
         """Stop the segment PUTs and delete the segments; the marker goes only if they are all
         gone and no PUT can still create one."""
         self.small = None
+        self._give_small()
         self.dead = True
         for seg in list(self.segments):
             seg.aborted = True
@@ -612,6 +664,9 @@ class SwiftUpload(Upload):
                     seg.future.result(timeout=max(0.0, deadline - time.monotonic()))
                 except BaseException:
                     pass
+        for seg in self.segments:  # a PUT still running drains its own queue when it ends
+            if seg.future is None or seg.future.done():
+                seg.drain()
         if not self.marker:
             return
         running = any(s.future is not None and not s.future.done() for s in self.segments)
@@ -645,6 +700,8 @@ class SwiftStore(Store):
                                     help='SLO segments; default "<container>_segments"'),
         "segment_size": Option("size", default=100 * MiB, help="SLO segment size"),
         "upload_concurrency": Option("int", default=2, help="segment PUTs in flight per upload"),
+        "upload_memory": Option("size", default=64 * MiB,
+                                help="buffers of all uploads of the store together"),
         "retries": Option("int", default=3, help="retries of idempotent requests"),
         "leftover_age": Option("float", default=86400.0,
                                help="seconds after which another host's unfinished upload is "
@@ -668,6 +725,13 @@ class SwiftStore(Store):
         self.segment_container: str = o["segment_container"] or f"{self.container}_segments"
         self.segment_size: int = o["segment_size"]
         self.upload_concurrency: int = o["upload_concurrency"]
+        # Shared by every upload of this store, ``upload_memory`` in two halves. Small images
+        # held whole until close (an idle writer may hold them for hours) only ever take what
+        # is free, else stream as SLOs; queued chunks wait for room, which sends always free,
+        # so small buffers can never starve a streaming upload.
+        half = o["upload_memory"] // 2
+        self.small_memory = MemoryBudget(half, f"store {self.id} (small images)")
+        self.memory = MemoryBudget(o["upload_memory"] - half, f"store {self.id} (segment PUTs)")
         self.retries: int = o["retries"]
         self.max_segments = 1000
         self.max_object = 5 << 30
@@ -901,6 +965,14 @@ class SwiftStore(Store):
                 + "/" + urllib.parse.quote(seg.obj, safe="/"))
         what = f"segment {seg.obj}: PUT"
         idle = max(0.5, min(20.0, self.timeout / 2))
+        try:
+            self._send_segment_on(conn, path, what, seg, idle)
+        finally:
+            if seg.aborted:  # nobody will send what is still queued
+                seg.drain()
+
+    def _send_segment_on(self, conn: http.client.HTTPConnection, path: str, what: str,
+                         seg: _Segment, idle: float) -> None:
         try:
             try:
                 conn.putrequest("PUT", path, skip_accept_encoding=True)

@@ -317,3 +317,62 @@ def test_copies_are_pinned_to_the_source_version(ceph: Any, s3_bucket: str, tmp_
         assert [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]] == ["c.raw"]
     finally:
         store.close()
+
+
+def test_uploads_share_the_stores_part_memory(ceph: Any, s3_bucket: str,
+                                              tmp_path: Path) -> None:
+    """Six uploads at once into a store whose ``upload_memory`` holds four parts: part
+    buffers of all uploads together never exceed it (the rest go to temporary files), every
+    image arrives intact, and an abort gives its memory back."""
+    from imagefs import config
+    from imagefs.stores import build
+    from tests.mounting import write_config
+
+    table = s3_table(ceph, s3_bucket, tmp_path, upload_memory="20MiB", upload_concurrency=1)
+    store = build(config.load(write_config(tmp_path, {"s": table})).stores[0])
+    store.open()
+    try:
+        datas = {f"i{n}.raw": os.urandom(17 * MiB + n) for n in range(6)}
+        ready = threading.Barrier(len(datas) + 1)
+        infos: dict[str, Any] = {}
+        errors: list[BaseException] = []
+
+        def one(name: str, data: bytes) -> None:
+            try:
+                up = store.upload(name)
+                for off in range(0, 12 * MiB, MiB):  # parts 1-2 sent, part 3 buffered
+                    up.write(off, data[off:off + MiB])
+                ready.wait(60)
+                for off in range(12 * MiB, len(data), MiB):
+                    up.write(off, data[off:off + MiB])
+                infos[name] = up.commit({})
+            except BaseException as e:
+                errors.append(e)
+                ready.abort()
+
+        threads = [threading.Thread(target=one, args=kv) for kv in datas.items()]
+        for t in threads:
+            t.start()
+        ready.wait(60)
+        held = store.memory.used  # every writer holds a part buffer now
+        for t in threads:
+            t.join(300)
+        assert not errors, errors
+        assert 0 < held <= store.upload_memory
+        assert store.memory.peak <= store.upload_memory
+        assert store.memory.refused > 0, "the budget never bound: the test proves nothing"
+        assert store.memory.used == 0
+        s3 = s3_client(ceph)
+        for name, data in datas.items():
+            assert infos[name].size == len(data)
+            body = s3.get_object(Bucket=s3_bucket, Key=name)["Body"].read()
+            assert hashlib.sha256(body).digest() == hashlib.sha256(data).digest(), name
+        up = store.upload("gone.raw")
+        up.write(0, datas["i0.raw"][:3 * MiB])
+        assert store.memory.used == 5 * MiB
+        up.abort()
+        assert store.memory.used == 0
+        print(f"6 uploads: peak part memory {store.memory.peak / MiB:.0f} MiB of "
+              f"{store.upload_memory / MiB:.0f}; {store.memory.refused} parts went to files")
+    finally:
+        store.close()

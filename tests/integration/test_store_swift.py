@@ -1066,3 +1066,54 @@ def test_daemon_crash_mid_upload_is_cleaned_at_remount(
     assert len(assert_clean(table)) == 1
     conn.close()
     unmount(m)
+
+
+def test_uploads_share_the_stores_memory(table: dict[str, Any],
+                                         open_store: Callable[..., SwiftStore]) -> None:
+    """Eight uploads at once into a store with ``upload_memory = 8MiB``: small images held to
+    their close take only what is free of their half (the others stream as SLOs), queued
+    chunks wait for room, neither half is ever exceeded, nothing starves, every image arrives
+    intact, and an abort gives its memory back."""
+    store = open_store(table, segment_size="2MiB", upload_memory="8MiB")
+    sizes = [MiB + MiB // 2] * 4 + [7 * MiB + 5] * 4  # small (< 2 MiB) and SLO
+    datas = {f"i{n}.raw": pattern(size, f"mem{n}") for n, size in enumerate(sizes)}
+    ready = threading.Barrier(len(datas) + 1)
+    infos: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def one(name: str, data: bytes) -> None:
+        try:
+            up = store.upload(name)
+            half = len(data) // 2
+            write_all(up, data[:half])
+            ready.wait(60)  # every writer holds what it buffered now
+            for off in range(half, len(data), MiB):
+                up.write(off, data[off:min(off + MiB, len(data))])
+            infos[name] = up.commit({})
+        except BaseException as e:
+            errors.append(e)
+            ready.abort()
+
+    threads = [threading.Thread(target=one, args=kv) for kv in datas.items()]
+    for t in threads:
+        t.start()
+    ready.wait(60)
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    small, chunks = store.small_memory, store.memory
+    assert small.peak <= small.limit and chunks.peak <= chunks.limit
+    assert small.limit + chunks.limit == 8 * MiB
+    assert small.refused > 0, "no small image was refused: the test proves nothing"
+    assert small.used == 0 and chunks.used == 0
+    for name, data in datas.items():
+        assert infos[name].size == len(data)
+        assert store.read_range(name, infos[name].version, 0, len(data)) == data, name
+    up = store.upload("gone.raw")
+    write_all(up, pattern(5 * MiB, "gone"))
+    up.abort()
+    assert small.used == 0 and chunks.used == 0
+    assert_clean(table)
+    print(f"8 uploads: small images peak {small.peak / MiB:.1f} of {small.limit / MiB:.0f} MiB "
+          f"({small.refused} refused), queued chunks peak {chunks.peak / MiB:.1f} of "
+          f"{chunks.limit / MiB:.0f} MiB")
