@@ -164,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
                       help="every writable store but the source's")
     c.add_argument("--allow-partial", action="store_true",
                    help="keep the copies that succeeded when another fails")
+    c.add_argument("--replace", action="store_true",
+                   help="overwrite an image of that name whose content differs (default: "
+                        "refuse; an identical one, by size and md5, is always left alone)")
     c.set_defaults(func=cmd_replicate)
 
     h = sub.add_parser("hash", help="compute and store an image's Glance hashes",

@@ -704,9 +704,18 @@ class ImageFS(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        """Only the hash attributes are settable (``imagefs hash`` stores them this way)."""
+        """Only the hash attributes are settable (``imagefs hash`` stores them this way), and
+        ``user.imagefs.discard`` on a file open for writing drops its pending bytes, so a
+        writer that failed half-way (``imagefs copy``) can close without publishing."""
         key = _decode(name).removeprefix("user.imagefs.")
         node = self.inodes.node(inode)
+        if key == "discard" and node is not None:
+            w = node.writer if isinstance(node.writer, Writer) else None
+            if w is None:
+                raise pyfuse3.FUSEError(errno.EINVAL)  # nothing pending to discard
+            log.info("%s/%s: pending bytes discarded on request", w.store.id, w.name)
+            await w.cancel()
+            return
         if key not in _SETTABLE_META or node is None or node.name is None:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         store = self.stores[node.store_id]

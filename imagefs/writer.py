@@ -85,6 +85,9 @@ class Writer:
         #: A write or truncate that failed (or timed out, its thread possibly still running)
         #: leaves the pending image with unknown content: it must never be published.
         self.poisoned: BaseException | None = None
+        #: The writer asked for its pending bytes to be dropped (``imagefs copy`` after a
+        #: failure elsewhere): nothing is published, later writes fail.
+        self.cancelled = False
         self.direct = "random_write" in store.capabilities
         self._seeded = base is None
         self._lock = trio.Lock()
@@ -159,8 +162,13 @@ class Writer:
         self._seeded = True
 
     # ---------------------------------------------------------------- operations
+    def _not_cancelled(self) -> None:
+        if self.cancelled:
+            raise BackendError(f"{self.store.id}/{self.name}: pending image was discarded")
+
     async def write(self, offset: int, data: bytes) -> int:
         async with self._lock:
+            self._not_cancelled()
             await self._ensure_seeded()
             end = offset + len(data)
             try:
@@ -226,6 +234,7 @@ class Writer:
 
     async def truncate(self, size: int) -> None:
         async with self._lock:
+            self._not_cancelled()
             try:
                 await self._truncate(size)
             except BaseException as e:
@@ -316,7 +325,7 @@ class Writer:
     async def publish(self) -> ImageInfo | None:
         """Make the written bytes the image's content; None when there was nothing to publish."""
         async with self._lock:
-            if not self.dirty:
+            if not self.dirty or self.cancelled:
                 return None
             if self.poisoned is not None:
                 raise BackendError(f"{self.store.id}/{self.name}: not published: an earlier "
@@ -417,6 +426,13 @@ class Writer:
                 await bridge.call(self.store, up.abort)
             except Exception as e:
                 log.warning("%s/%s: could not abort upload: %s", self.store.id, self.name, e)
+
+    async def cancel(self) -> None:
+        """Drop the pending new version now, on the writer's request; the published image
+        (if any) stays as it was, and the handles still open publish nothing."""
+        self.cancelled = True
+        self.dirty = False
+        await self.discard()
 
     async def discard(self) -> None:
         """Throw away everything unpublished (release without publish, unmount)."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.integration.test_common import MiB, make_file
 from tests.mounting import IMAGEFS, Mount
@@ -22,11 +26,13 @@ def xattrs(path: Path) -> dict[str, str]:
             for k in os.listxattr(path)}
 
 
-def three_file_stores(mount_factory: Any, tmp_path: Path) -> tuple[Mount, dict[str, Path]]:
+def three_file_stores(mount_factory: Any, tmp_path: Path,
+                      default: str | None = None) -> tuple[Mount, dict[str, Path]]:
     dirs = {n: tmp_path / f"store-{n}" for n in ("a", "b", "c", "ro")}
     for d in dirs.values():
         d.mkdir()
-    m = mount_factory({n: {"type": "file", "path": str(d), "read_only": n == "ro"}
+    m = mount_factory({n: {"type": "file", "path": str(d), "read_only": n == "ro",
+                           "default": n == default}
                        for n, d in dirs.items()})
     return m, dirs
 
@@ -89,3 +95,85 @@ def test_copy_failure_rolls_back_unless_partial(mount_factory: Any, tmp_path: Pa
     r = run_cli("copy", m.path("a", "vm.raw"), "--to", "b,c", "--allow-partial")
     assert r.returncode == 4, r.stdout + r.stderr
     assert (dirs["b"] / "vm.raw").read_bytes() == (dirs["a"] / "vm.raw").read_bytes()
+
+
+def test_discard_xattr_drops_a_pending_write(mount_factory: Any, tmp_path: Path) -> None:
+    """``user.imagefs.discard`` on a file open for writing: the close publishes nothing and
+    the image published before stays as it was."""
+    m, dirs = three_file_stores(mount_factory, tmp_path)
+    make_file(dirs["a"] / "old.raw", MiB, "old")
+    before = (dirs["a"] / "old.raw").read_bytes()
+    for name in ("old.raw", "new.raw"):
+        with open(m.path("a", name), "wb", buffering=0) as f:
+            f.write(b"partial" * 1000)
+            os.setxattr(f.fileno(), "user.imagefs.discard", b"1")
+            with pytest.raises(OSError) as e:
+                f.write(b"more")
+            assert e.value.errno == errno.EIO
+    assert (dirs["a"] / "old.raw").read_bytes() == before
+    assert m.path("a", "old.raw").read_bytes() == before
+    assert not m.path("a", "new.raw").exists()
+    assert sorted(os.listdir(dirs["a"])) == ["old.raw"]  # no hidden upload left either
+    with pytest.raises(OSError) as e:  # nothing pending on a plain image
+        os.setxattr(m.path("a", "old.raw"), "user.imagefs.discard", b"1")
+    assert e.value.errno == errno.EINVAL
+
+
+def test_copy_never_removes_what_it_did_not_make(mount_factory: Any, tmp_path: Path) -> None:
+    """An image already in a destination is refused (other content) or left alone (same
+    content); the source reached through MOUNTPOINT/default is neither a destination nor
+    removed by a roll-back."""
+    m, dirs = three_file_stores(mount_factory, tmp_path, default="a")
+    make_file(dirs["a"] / "vm.raw", 3 * MiB, "vm")
+    assert run_cli("hash", m.path("a", "vm.raw")).returncode == 0
+    make_file(dirs["b"] / "vm.raw", 2 * MiB, "other")
+    other = (dirs["b"] / "vm.raw").read_bytes()
+    r = run_cli("copy", m.path("a", "vm.raw"), "--to", "b,c")
+    assert r.returncode == 2 and "already exists" in r.stderr, r.stderr
+    assert (dirs["b"] / "vm.raw").read_bytes() == other
+    assert not (dirs["c"] / "vm.raw").exists()
+    os.rename(m.path("b", "vm.raw"), m.path("b", "other.raw"))
+    r = run_cli("copy", m.path("a", "vm.raw"), "--to", "b")
+    assert r.returncode == 0, r.stderr
+    r = run_cli("copy", m.path("a", "vm.raw"), "--to", "b")  # a re-run moves no byte
+    assert r.returncode == 0 and "already holds" in r.stdout, r.stdout + r.stderr
+    default = m.root / "default"
+    assert default.is_symlink()
+    src = (dirs["a"] / "vm.raw").read_bytes()
+    os.rmdir(dirs["c"])  # the failing destination
+    r = run_cli("copy", default / "vm.raw", "--all-stores")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (dirs["a"] / "vm.raw").read_bytes() == src, "the source was touched"
+    assert (dirs["b"] / "vm.raw").read_bytes() == src, "an identical copy was removed"
+    r = run_cli("copy", default / "vm.raw", "--to", "a")
+    assert r.returncode == 2 and "own store" in r.stderr
+
+
+def test_copy_with_a_source_read_error_publishes_nothing(mount_factory: Any,
+                                                          tmp_path: Path) -> None:
+    """The source changes under the copy (its reads become EIO): no destination publishes a
+    truncated image, and images already there stay."""
+    m, dirs = three_file_stores(mount_factory, tmp_path)
+    big = dirs["a"] / "big.raw"
+    with open(big, "wb") as f:
+        f.truncate(768 * MiB)  # sparse: fast to make, slow enough to copy twice
+    p = subprocess.Popen([*IMAGEFS, "copy", str(m.path("a", "big.raw")), "--to", "b,c"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    target = str(m.path("a", "big.raw"))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # wait until it has the source open
+        try:
+            if any(os.readlink(f"/proc/{p.pid}/fd/{fd}") == target
+                   for fd in os.listdir(f"/proc/{p.pid}/fd")):
+                break
+        except OSError:
+            pass
+        time.sleep(0.005)
+    repl = dirs["a"] / "big.new"
+    repl.write_bytes(b"replaced")
+    os.replace(repl, big)  # a new version: reads pinned to the old one fail
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 1, out + err
+    assert "no copy was published" in err, err
+    assert not (dirs["b"] / "big.raw").exists() and not (dirs["c"] / "big.raw").exists()
+    assert os.listdir(dirs["b"]) == [] and os.listdir(dirs["c"]) == []
