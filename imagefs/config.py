@@ -141,6 +141,9 @@ class StoreConfig:
     concurrency: int
     options: Mapping[str, Any]
     source: Path
+    #: What chown/chgrp to another owner does: EPERM, accepted and dropped, or kept as
+    #: image metadata (``rsync -a`` of images owned by glance or libvirt-qemu needs one).
+    chown: str = "refuse"
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ _COMMON_STORE_KEYS: dict[str, Option] = {
     "weight": Option("int", default=0),
     "timeout": Option("float", default=60.0),
     "concurrency": Option("int", default=0),
+    "chown": Option(("refuse", "ignore", "keep"), default="refuse"),
 }
 
 _CACHE_KEYS: dict[str, Option] = {
@@ -301,4 +305,5 @@ def _store(c: _Checker, sid: str, table: Any) -> StoreConfig:
         id=sid, type=stype, description=values["description"], default=values["default"],
         read_only=values["read_only"], weight=values["weight"], timeout=values["timeout"],
         concurrency=values["concurrency"], options=options, source=c.path,
+        chown=values["chown"],
     )

@@ -26,8 +26,10 @@ from imagefs.catalog import Catalog
 from imagefs.inodes import ROOT, InodeTable, Node
 from imagefs.reader import BlockSource, Reader
 from imagefs.stores.base import (
+    META_GID,
     META_MODE,
     META_MTIME,
+    META_UID,
     BackendError,
     Busy,
     Changed,
@@ -217,13 +219,36 @@ class ImageFS(pyfuse3.Operations):
         a.st_nlink = 1 if node.name is not None else 0
         a.st_size = info.size
         a.st_blocks = (info.size + 511) // 512
+        for key, field_ in ((META_UID, "st_uid"), (META_GID, "st_gid")):
+            if key in info.meta and info.meta[key].isdigit():
+                setattr(a, field_, int(info.meta[key]))
         ns = int(info.mtime * 1e9)
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
         return a
 
+    def _owner_change(self, node: Node, store: Store, attr: pyfuse3.EntryAttributes,
+                      fields: Any) -> dict[str, str]:
+        """chown/chgrp: the metadata to keep, as the store's ``chown`` setting says."""
+        shown = self._image_attr(node, node.extra["info"]) if node.extra.get("info") else None
+        uid = shown.st_uid if shown else self.settings.uid
+        gid = shown.st_gid if shown else self.settings.gid
+        change = {}
+        if fields.update_uid and attr.st_uid != uid:
+            change[META_UID] = str(attr.st_uid)
+        if fields.update_gid and attr.st_gid != gid:
+            change[META_GID] = str(attr.st_gid)
+        if not change or store.chown == "keep":
+            return change
+        if store.chown == "ignore":
+            return {}
+        log.debug("%s/%s: chown refused (store setting chown = \"refuse\")", store.id,
+                  node.name)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
     def _writer_attr(self, node: Node, w: Writer) -> pyfuse3.EntryAttributes:
         mtime = w.mtime if w.mtime is not None else time.time()
-        info = ImageInfo(name=w.name, size=w.size, mtime=mtime, mode=w.mode)
+        info = ImageInfo(name=w.name, size=w.size, mtime=mtime, mode=w.mode,
+                         meta=dict(w.owner))
         a = self._image_attr(node, info)
         a.entry_timeout = a.attr_timeout = 0
         return a
@@ -239,7 +264,8 @@ class ImageFS(pyfuse3.Operations):
 
     async def _attr_of(self, node: Node) -> pyfuse3.EntryAttributes:
         w = node.writer
-        if isinstance(w, Writer) and (w.dirty or w.published is None and w.base is None):
+        if isinstance(w, Writer) and not (w.doomed and w.base is not None) and (
+                w.dirty or w.published is None and w.base is None):
             return self._writer_attr(node, w)
         if node.name is None:
             info = node.extra.get("info")
@@ -318,10 +344,8 @@ class ImageFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EPERM)
             raise pyfuse3.FUSEError(errno.ENOENT)
         store = self.stores[node.store_id]
-        if fields.update_uid and attr.st_uid != self.settings.uid or \
-                fields.update_gid and attr.st_gid != self.settings.gid:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        changing = fields.update_size or fields.update_mode or fields.update_mtime
+        owner = self._owner_change(node, store, attr, fields)
+        changing = fields.update_size or fields.update_mode or fields.update_mtime or owner
         if changing and self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
         w = node.writer if isinstance(node.writer, Writer) else None
@@ -335,12 +359,14 @@ class ImageFS(pyfuse3.Operations):
             meta[META_MODE] = f"{attr.st_mode & 0o7777:o}"
         if fields.update_mtime:
             meta[META_MTIME] = repr(attr.st_mtime_ns / 1e9)
+        meta.update(owner)
         if meta:
             if w is not None and (w.dirty or w.published is None):
                 if fields.update_mode:
                     w.mode = attr.st_mode
                 if fields.update_mtime:
                     w.mtime = attr.st_mtime_ns / 1e9
+                w.owner.update(owner)
             elif node.name is not None:
                 # S3 rewrites metadata by copying the object: as long as a commit may take.
                 info = await bridge.call(store, store.set_meta, node.name, meta,

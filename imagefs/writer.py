@@ -31,8 +31,10 @@ import trio
 from imagefs import bridge
 from imagefs.hashing import ImageHasher
 from imagefs.stores.base import (
+    META_GID,
     META_MODE,
     META_MTIME,
+    META_UID,
     BackendError,
     ImageInfo,
     Store,
@@ -74,6 +76,9 @@ class Writer:
         self.base = base
         self.mode = mode
         self.mtime: float | None = None
+        #: uid/gid metadata set by chown while unpublished (stores with ``chown = "keep"``).
+        self.owner: dict[str, str] = {k: base.meta[k] for k in (META_UID, META_GID)
+                                      if base is not None and k in base.meta}
         self.settings = settings
         self.nursery = nursery
         self.dirty = base is None
@@ -162,6 +167,14 @@ class Writer:
         self._seeded = True
 
     # ---------------------------------------------------------------- operations
+    @property
+    def doomed(self) -> bool:
+        """These pending bytes will never be published (a write or the publish failed, or the
+        writer cancelled): stat must show the published image, not them. The kernel sends
+        release after close() has returned, so a reader may ask before the writer is gone."""
+        return (self.cancelled or self.poisoned is not None
+                or (self.dirty and self.publish_error is not None))
+
     def _not_cancelled(self) -> None:
         if self.cancelled:
             raise BackendError(f"{self.store.id}/{self.name}: pending image was discarded")
@@ -320,7 +333,7 @@ class Writer:
     # ---------------------------------------------------------------- publish
     def _meta(self) -> dict[str, str]:
         return {META_MTIME: repr(self.mtime if self.mtime is not None else time.time()),
-                META_MODE: f"{self.mode & 0o7777:o}"}
+                META_MODE: f"{self.mode & 0o7777:o}", **self.owner}
 
     async def publish(self) -> ImageInfo | None:
         """Make the written bytes the image's content; None when there was nothing to publish."""

@@ -24,6 +24,9 @@ HIDDEN_PREFIX = ".imagefs-"
 #: Metadata keys imagefs itself maintains on every image it writes.
 META_MTIME = "mtime"
 META_MODE = "mode"
+#: Owner kept as metadata by stores configured with ``chown = "keep"``.
+META_UID = "uid"
+META_GID = "gid"
 
 DEFAULT_MODE = stat_mod.S_IFREG | 0o644
 
@@ -194,6 +197,7 @@ class Store(ABC):
         self.default: bool = cfg.default
         self.weight: int = cfg.weight
         self.timeout: float = cfg.timeout
+        self.chown: str = getattr(cfg, "chown", "refuse")
         self.options: Mapping[str, Any] = cfg.options
         self._lock = threading.Lock()
 

@@ -117,6 +117,43 @@ def test_rsync_twice_copies_nothing(m: Mount, tmp_path: Path) -> None:
     assert not [n for n in os.listdir(m.path("s")) if n.startswith(".")]
 
 
+def test_rsync_of_images_owned_by_others(mount_factory: Any, store_table: dict[str, Any],
+                                         tmp_path: Path) -> None:
+    """rsync -a as root of images owned by another user (glance, libvirt-qemu): the store's
+    ``chown`` setting says what happens: refused (EPERM, rsync exit 23), accepted and dropped,
+    or kept as image metadata, persistent across mounts, so a second run changes nothing."""
+    tool("rsync")
+    src = tmp_path / "tree"
+    src.mkdir()
+    make_file(src / "a.raw", 2 * MiB + 5, "own")
+    os.chown(src / "a.raw", 4242, 4343)
+    for policy in ("refuse", "ignore", "keep"):
+        m = mount_factory({"s": {**store_table, "chown": policy}})
+        dest = m.path("s")
+        r = sh("rsync", "-a", f"{src}/", f"{dest}/", check=False)
+        st = os.stat(dest / "a.raw")
+        if policy == "refuse":
+            assert r.returncode == 23 and "Operation not permitted" in r.stderr, r.stderr
+        else:
+            assert r.returncode == 0, r.stderr
+            assert sha256(dest / "a.raw") == sha256(src / "a.raw")
+        if policy == "keep":
+            assert (st.st_uid, st.st_gid) == (4242, 4343)
+            second = sh("rsync", "-a", "--itemize-changes", f"{src}/", f"{dest}/")
+            assert second.stdout.strip() == "", second.stdout
+            unmount(m)
+            m = mount_factory({"s": {**store_table, "chown": policy}})
+            st = os.stat(m.path("s", "a.raw"))
+            assert (st.st_uid, st.st_gid) == (4242, 4343), "owner not persisted"
+            os.chown(m.path("s", "a.raw"), 0, 0)
+            st = os.stat(m.path("s", "a.raw"))
+            assert (st.st_uid, st.st_gid) == (0, 0)
+        else:
+            assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
+        os.unlink(m.path("s", "a.raw"))
+        unmount(m)
+
+
 def test_dd_and_sha256(m: Mount, tmp_path: Path) -> None:
     src = tmp_path / "d.raw"
     digest = make_file(src, 9 * MiB, "dd")
