@@ -54,14 +54,26 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _mounted(mountpoint: str) -> bool:
-    return os.path.ismount(mountpoint)
+    from imagefs import daemon
+
+    # A mount whose daemon died answers ENOTCONN, which os.path.ismount takes for "not mounted".
+    return os.path.ismount(mountpoint) or daemon._is_imagefs_mount(mountpoint)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from imagefs import daemon
+
     mnt = os.path.abspath(args.mountpoint)
     if not _mounted(mnt):
         return _fail(f"{mnt} is not mounted")
     pidfile = pidfile_for(mnt)
+    if daemon._is_imagefs_mount(mnt) and not daemon._daemon_alive(pidfile):
+        r = subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True, text=True)
+        if r.returncode != 0:
+            return _fail(f"cannot clear the dead mount {mnt}: {r.stderr.strip()}")
+        print(f"imagefs: the daemon of {mnt} was no longer running; cleared the dead mount "
+              "(uploads it had in flight were never published)", file=sys.stderr)
+        return 0
     try:
         pid = int(pidfile.read_text())
     except (OSError, ValueError):

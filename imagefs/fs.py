@@ -134,6 +134,26 @@ def still_open_by(pid: int, path: str) -> bool:
     return False
 
 
+_PF_EXITING = 0x4
+
+
+def killed_by(pid: int) -> int:
+    """The signal killing process ``pid`` if it is exiting because of one, else 0.
+
+    A writer killed mid-copy (^C on cp, SIGKILL of qemu-img) still closes its files, and FUSE
+    cannot tell that close from a finished write; publishing then would expose a partial
+    image. While the process exits (PF_EXITING in /proc/PID/stat field 9) its exit code (field
+    52) already holds the signal, and the close of its files waits for our answer.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        flags, code = int(fields[6]), int(fields[49])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return code & 0x7F if flags & _PF_EXITING else 0
+
+
 @dataclass(frozen=True)
 class FsSettings:
     ttl: float
@@ -604,12 +624,27 @@ class ImageFS(pyfuse3.Operations):
         h = self._handle(fh)
         if h.writer is None or not h.writer.dirty:
             return
+        if await self._writer_killed(h):
+            return
         if h.pid and h.node.name is not None and self.settings.mountpoint:
             path = os.path.join(self.settings.mountpoint, h.store.id, h.node.name)
             if await bridge.local(still_open_by, h.pid, path):
                 log.debug("%s: flush from another descriptor copy; not publishing yet", path)
                 return
         await self._publish(h)
+
+    async def _writer_killed(self, h: Handle) -> bool:
+        """The writing process is dying from a signal: drop its pending bytes, publish nothing."""
+        w = h.writer
+        if w is None or not w.dirty or not h.pid:
+            return False
+        sig = await bridge.local(killed_by, h.pid)
+        if not sig:
+            return False
+        log.warning("%s/%s: the writer (pid %d) was killed by signal %d; its pending bytes are "
+                    "discarded, nothing is published", h.store.id, w.name, h.pid, sig)
+        await w.cancel()
+        return True
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
@@ -625,6 +660,7 @@ class ImageFS(pyfuse3.Operations):
         w = h.writer
         still_open = any(o.writer is w for o in self._handles.values()) if w else False
         if w is not None and not still_open:
+            await self._writer_killed(h)
             if w.dirty and node.name is not None and w.publish_error is None:
                 try:
                     await self._publish(h)

@@ -268,6 +268,11 @@ def test_daemon_crash_keeps_published_image_and_remount_cleans(
         holder.wait()
     assert (d / "img.raw").read_bytes() == b"published" * 1000
     assert any(n.startswith(".imagefs-") for n in os.listdir(d)), "expected the crash leftover"
+    # `imagefs umount` clears the dead mount (it answers ENOTCONN, not "not mounted")
+    u = subprocess.run([*IMAGEFS, "umount", str(m.root)], capture_output=True, text=True,
+                       timeout=60)
+    assert u.returncode == 0 and "no longer running" in u.stderr, u.stderr
+    assert str(m.root) not in Path("/proc/self/mountinfo").read_text()
     # the dead mount point is cleared and the leftover upload removed by the next mount
     r = subprocess.run([*IMAGEFS, "mount", str(m.config), str(m.root), "-o", f"log={m.log}"],
                        capture_output=True, text=True, timeout=60)
@@ -301,3 +306,36 @@ def test_full_store_gives_enospc_and_publishes_nothing(mount_factory: Any, tmp_p
         assert sorted(os.listdir(d)) == ["old.raw"], "an upload was left behind"
     finally:
         subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+@pytest.mark.parametrize(("tool_", "sig"), [("dd", signal.SIGKILL), ("dd", signal.SIGTERM),
+                                            ("cp", signal.SIGINT)], ids=["dd-KILL", "dd-TERM",
+                                                                         "cp-INT"])
+def test_writer_killed_mid_copy_publishes_nothing(mount_factory: Any, tmp_path: Path,
+                                                  tool_: str, sig: signal.Signals) -> None:
+    """cp ^C'd or dd killed: its files are still closed, but a writer dying from a signal
+    publishes nothing, and an image it was overwriting stays whole. (A program that catches
+    the signal and closes its files itself, as dd does on SIGINT, cannot be told from one
+    that finished: the kernel's close looks the same.)"""
+    d = tmp_path / "store"
+    d.mkdir()
+    (d / "old.raw").write_bytes(b"o" * 5000)
+    m = mount_factory({"s": {"type": "file", "path": str(d)}})
+    for name in ("new.raw", "old.raw"):
+        dst = m.path("s", name)
+        p = subprocess.Popen(["dd", "if=/dev/zero", f"of={dst}", "bs=1M", "count=1000000",
+                              "status=none"] if tool_ == "dd" else ["cp", "/dev/zero", dst])
+        deadline = time.monotonic() + 30
+        while not any(n.startswith(".imagefs-") for n in os.listdir(d)):  # the upload began
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.3)
+        p.send_signal(sig)
+        assert p.wait(30) == -sig
+    assert sorted(os.listdir(m.path("s"))) == ["old.raw"]
+    assert m.path("s", "old.raw").read_bytes() == b"o" * 5000
+    deadline = time.monotonic() + 10
+    while sorted(os.listdir(d)) != ["old.raw"]:  # the hidden upload goes with the release
+        assert time.monotonic() < deadline, os.listdir(d)
+        time.sleep(0.05)
+    assert "killed by signal" in m.log_text()
