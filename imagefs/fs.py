@@ -390,8 +390,7 @@ class ImageFS(pyfuse3.Operations):
             elif node.name is not None:
                 # S3 rewrites metadata by copying the object: as long as a commit may take.
                 info = await bridge.call(store, store.set_meta, node.name, meta,
-                                         timeout=store.timeout
-                                         * self.settings.writer.commit_timeout_factor)
+                                         timeout=self._copy_timeout(store, node))
                 self.catalogs[store.id].put(info)
                 node.extra["info"] = info
                 if w is not None:
@@ -410,6 +409,11 @@ class ImageFS(pyfuse3.Operations):
         if fields.update_mode:
             over["mode"] = attr.st_mode & 0o7777
         return self._dir_attr(inode, self.stores[self.inodes.ino_store[inode]])
+
+    def _copy_timeout(self, store: Store, node: Node) -> float:
+        """set_meta may copy the whole image (S3): as long as publishing its size may take."""
+        info = node.extra.get("info")
+        return self.settings.writer.long_timeout(store, info.size if info else 0)
 
     async def _truncate_published(self, node: Node, store: Store, size: int) -> None:
         """truncate(2) on a path: a new version with the old bytes up to ``size``."""
@@ -711,8 +715,9 @@ class ImageFS(pyfuse3.Operations):
         w = node.writer if node is not None and isinstance(node.writer, Writer) else None
         if w is not None and w.dirty:
             await self._publish(Handle(node, store, writer=w))  # type: ignore[arg-type]
+        size = (await self.catalogs[store.id].stat(old)).size
         info = await bridge.call(store, store.rename, old, new,
-                                 timeout=store.timeout * self.settings.writer.commit_timeout_factor)
+                                 timeout=self.settings.writer.long_timeout(store, size))
         cat = self.catalogs[store.id]
         cat.forget(old)
         cat.put(info)
@@ -784,7 +789,7 @@ class ImageFS(pyfuse3.Operations):
         if self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
         info = await bridge.call(store, store.set_meta, node.name, {key: _decode(value)},
-                                 timeout=store.timeout * self.settings.writer.commit_timeout_factor)
+                                 timeout=self._copy_timeout(store, node))
         self.catalogs[store.id].put(info)
         node.extra["info"] = info
 

@@ -52,6 +52,13 @@ class WriterSettings:
     hash_algo: str
     #: Multiplier of the store timeout for calls that move a whole image (commit, full upload).
     commit_timeout_factor: float = 20.0
+    #: Plus one second per this many bytes: a 300 GiB image may take longer than any fixed
+    #: deadline, yet a stalled backend must still end in EIO (each request has its own timeout).
+    commit_min_rate: int = 4 << 20
+
+    def long_timeout(self, store: Store, size: int) -> float:
+        """Deadline of a call that moves ``size`` bytes at once (publish, server-side copy)."""
+        return store.timeout * self.commit_timeout_factor + size / self.commit_min_rate
 
 
 def _send_from_spool(fd: int, up: Upload, hasher: ImageHasher, offset: int, n: int) -> None:
@@ -115,7 +122,7 @@ class Writer:
 
     # ---------------------------------------------------------------- helpers
     def _long(self) -> float:
-        return self.store.timeout * self.settings.commit_timeout_factor
+        return self.settings.long_timeout(self.store, self.size)
 
     async def _new_upload(self) -> Upload:
         return await bridge.call(self.store, self.store.upload, self.name, self.size or None)
