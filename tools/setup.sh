@@ -39,4 +39,8 @@ if ! .venv/bin/python -c 'import imagefs, pyfuse3, trio, cachetools, boto3, swif
   .venv/bin/pip install -q -e '.[test]'
 fi
 modprobe fuse 2>/dev/null || true
+# Commands where mount(8), fstab (type imagefs or fuse.imagefs) and systemd/imagefs@.service
+# look for them: symlinks into this checkout's venv.
+ln -sfn "$PWD/.venv/bin/imagefs" /usr/local/bin/imagefs
+ln -sfn "$PWD/.venv/bin/mount.imagefs" /usr/sbin/mount.imagefs
 echo "== setup done: $(.venv/bin/imagefs --version)"

@@ -339,3 +339,34 @@ def test_writer_killed_mid_copy_publishes_nothing(mount_factory: Any, tmp_path: 
         assert time.monotonic() < deadline, os.listdir(d)
         time.sleep(0.05)
     assert "killed by signal" in m.log_text()
+
+
+@pytest.mark.parametrize("fstype", ["imagefs", "fuse.imagefs"])
+def test_mount_8_and_fstab_forms(tmp_path: Path, fstype: str) -> None:
+    """mount(8) with the fstab types (what `mount -a` does for an fstab line): the helpers
+    tools/setup.sh installs take mount's options, `imagefs umount` and umount(8) both end it."""
+    helper = Path("/usr/sbin/mount.imagefs")
+    if not helper.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{helper} missing: tools/setup.sh installs it")
+        pytest.skip(f"{helper} missing: run tools/setup.sh")
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "a.raw").write_bytes(b"fstab" * 100)
+    cfg = write_config(tmp_path, {"s": {"type": "file", "path": str(store)}})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for umount in ([*IMAGEFS, "umount"], ["umount"]):
+        sh("mount", "-t", fstype, cfg, mnt, "-o", "defaults,nosuid,nodev,_netdev,ro")
+        try:
+            assert (mnt / "s" / "a.raw").read_bytes() == b"fstab" * 100
+            expect_errno(errno.EROFS, (mnt / "s" / "b.raw").write_bytes, b"x")
+            line = [x for x in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if f" {mnt} " in x]
+            assert line and " - fuse.imagefs " in line[0], line
+        finally:
+            sh(*umount, mnt)
+        deadline = time.monotonic() + 10
+        while subprocess.run(["pgrep", "-f", f"imagefs.*{cfg}"]).returncode == 0:
+            assert time.monotonic() < deadline, "the daemon outlived the unmount"
+            time.sleep(0.05)
