@@ -122,6 +122,9 @@ class CacheConfig:
     block_size: int
     readahead: int
     max_prefetch_memory: int
+    #: Past this many bytes streamed in order, a spooled upload drops what it has sent from
+    #: its local spool (0: never), so copying a huge image to S3/Swift needs no disk for it.
+    spool_trim_after: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ _CACHE_KEYS: dict[str, Option] = {
     "block_size": Option("size", default=1 << 20),
     "readahead": Option("size", default=16 << 20),
     "max_prefetch_memory": Option("size", default=128 << 20),
+    "spool_trim_after": Option("size", default=1 << 30),
 }
 
 _HASH_ALGOS = ("sha512", "sha384", "sha256", "sha1", "md5")
@@ -254,6 +258,7 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
         disk_size=cache["disk_size"], memory_size=cache["memory_size"],
         block_size=cache["block_size"], readahead=cache["readahead"],
         max_prefetch_memory=cache["max_prefetch_memory"],
+        spool_trim_after=cache["spool_trim_after"],
     )
     hashes = c.table("hash", data.get("hash", {}), {"algo": Option(_HASH_ALGOS, default="sha512")})
 

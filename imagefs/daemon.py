@@ -169,7 +169,8 @@ def build_fs(config: Config, stores: list[Store], mountpoint: str, opts: MountOp
 
     settings = FsSettings(
         ttl=config.metadata_ttl, readahead=cc.readahead,
-        writer=WriterSettings(spool_dir=spool, hash_algo=config.hash.algo),
+        writer=WriterSettings(spool_dir=spool, hash_algo=config.hash.algo,
+                              spool_trim_after=config.cache.spool_trim_after),
         uid=os.getuid(), gid=os.getgid(), read_only=opts.read_only, mountpoint=mountpoint,
     )
     return ImageFS(stores, source, settings)

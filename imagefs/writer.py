@@ -9,6 +9,10 @@ Two shapes, chosen by the store's capabilities:
   sequential a background task streams the spool to the store's upload as it grows. The first
   write below the high-water mark stops streaming; publishing then uploads the whole spool. The
   spool is what makes the fall-back possible without reading anything back from the backend.
+  Once ``spool_trim_after`` bytes have streamed in order, the bytes already sent are dropped
+  from the spool (hole punching), so a 300 GiB ``cp`` needs no 300 GiB of local disk; the
+  fall-back is then impossible, and a later write, read or truncate before the end fails with
+  EIO (and a log line) rather than publish wrong bytes.
 
 Publishing (flush, fsync, release) is the only moment an image becomes visible under its name.
 An image opened for writing without O_TRUNC is seeded with its published bytes on the first
@@ -18,6 +22,7 @@ bytes as they stream whenever they arrive in order, otherwise in the single pass
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import tempfile
@@ -52,6 +57,8 @@ class WriterSettings:
     hash_algo: str
     #: Multiplier of the store timeout for calls that move a whole image (commit, full upload).
     commit_timeout_factor: float = 20.0
+    #: See the module docstring; 0 never trims.
+    spool_trim_after: int = 0
     #: Plus one second per this many bytes: a 300 GiB image may take longer than any fixed
     #: deadline, yet a stalled backend must still end in EIO (each request has its own timeout).
     commit_min_rate: int = 4 << 20
@@ -67,6 +74,18 @@ def _send_from_spool(fd: int, up: Upload, hasher: ImageHasher, offset: int, n: i
     data += bytes(n - len(data))
     up.write(offset, data)
     hasher.update(data)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free a range of a file's blocks, keeping its size (Linux fallocate; no os wrapper)."""
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE | _FALLOC_FL_PUNCH_HOLE,
+                       ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def _all_zero(data: bytes) -> bool:
@@ -114,6 +133,9 @@ class Writer:
         self._streamed = 0
         self._sequential = True
         self._stream_upload: Upload | None = None
+        #: Spool bytes below this offset were sent and dropped: no fall-back below it.
+        self._trimmed = 0
+        self._no_trim = False
         self._stream_error: BaseException | None = None
         self._stream_running = False
         self._stream_done = trio.Event()
@@ -223,10 +245,21 @@ class Writer:
             self._hash_ok = False
         self._extent = max(self._extent, offset + len(data))
 
+    def _refuse_trimmed(self, what: str, offset: int) -> None:
+        """After trimming, only writes at the end can keep the image whole."""
+        if self._trimmed:
+            log.error("%s/%s: %s at offset %d, but the first %d bytes were already uploaded "
+                      "and dropped from the local spool (cache.spool_trim_after); this image "
+                      "cannot be completed", self.store.id, self.name, what, offset,
+                      self._trimmed)
+            raise BackendError(f"{self.store.id}/{self.name}: {what} before the end of a "
+                               f"streamed upload whose spool was trimmed")
+
     async def _write_spool(self, offset: int, data: bytes) -> None:
         if self._spool is None:
             self._spool = await bridge.local(self._open_spool)
         if offset < self._hw:
+            self._refuse_trimmed("write", offset)
             self._sequential = False
         await bridge.local(os.pwrite, self._spool, data, offset)
         self._hw = max(self._hw, offset + len(data))
@@ -249,6 +282,8 @@ class Writer:
                     return bytes(size)
                 data = await bridge.call(self.store, self._upload.read, offset, size)
             else:
+                if offset < self._trimmed:
+                    self._refuse_trimmed("read", offset)
                 data = await bridge.local(os.pread, self._spool, size, offset)
             return data + bytes(size - len(data))
 
@@ -274,6 +309,7 @@ class Writer:
             if self._spool is None:
                 self._spool = await bridge.local(self._open_spool)
             if size < self._hw:
+                self._refuse_trimmed("truncate", size)
                 self._sequential = False
                 self._hw = size
             await bridge.local(os.ftruncate, self._spool, size)
@@ -301,6 +337,7 @@ class Writer:
                     await bridge.call(self.store, _send_from_spool, self._spool,
                                       self._stream_upload, h, off, n)
                     self._streamed = off + n
+                    await self._trim()
                 elif self._finishing:
                     return
                 else:
@@ -313,6 +350,23 @@ class Writer:
         finally:
             self._stream_running = False
             self._stream_done.set()
+
+    async def _trim(self) -> None:
+        """Punch out of the spool what was sent, once the image is big and still in order."""
+        limit = self.settings.spool_trim_after
+        if not limit or self._no_trim or self._streamed < limit or self._spool is None:
+            return
+        end = self._streamed & ~(CHUNK - 1)
+        if end - self._trimmed < 16 * CHUNK:
+            return  # in 64 MiB steps: few syscalls
+        try:
+            await bridge.local(punch_hole, self._spool, self._trimmed, end - self._trimmed)
+        except OSError as e:
+            log.warning("%s/%s: cannot drop sent bytes from the spool (%s); keeping them",
+                        self.store.id, self.name, e)
+            self._no_trim = True
+            return
+        self._trimmed = end
 
     async def _drop_stream(self) -> None:
         up, self._stream_upload = self._stream_upload, None
@@ -366,6 +420,12 @@ class Writer:
             if self.direct:
                 self._seeded = False  # the upload is spent; a later change starts from `info`
                 self._extent = 0
+            elif self._trimmed:
+                # The spool lost its head: a later change starts again from `info`.
+                self._seeded = False
+                self._trimmed = 0
+                self._sequential = True
+                self._streamed = 0
             else:
                 self._sequential = False  # the spool has it all; a later change re-uploads
             return info
@@ -414,6 +474,10 @@ class Writer:
             up = self._stream_upload or await self._new_upload()
             hasher = self._hasher
             self._stream_upload = None
+        elif self._trimmed:
+            raise BackendError(f"{self.store.id}/{self.name}: the streamed upload failed "
+                               f"({self._stream_error}) after its spool was trimmed; not "
+                               f"published")
         else:
             await self._drop_stream()
             self._stream_error = None

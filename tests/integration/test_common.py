@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.mounting import Mount, tool, unmount
+from tests.mounting import Mount, daemon_pid, tool, unmount
 
 MiB = 1 << 20
 
@@ -152,6 +152,54 @@ def test_rsync_of_images_owned_by_others(mount_factory: Any, store_table: dict[s
             assert (st.st_uid, st.st_gid) == (os.getuid(), os.getgid())
         os.unlink(m.path("s", "a.raw"))
         unmount(m)
+
+
+def _spool_bytes(pid: int) -> int:
+    """Disk blocks held by the daemon's (unlinked) spool files."""
+    total = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if "/spool-" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                total += os.stat(f"/proc/{pid}/fd/{fd}").st_blocks * 512
+        except OSError:
+            continue
+    return total
+
+
+def test_streamed_upload_trims_its_spool(mount_factory: Any, store_table: dict[str, Any]
+                                         ) -> None:
+    """Stores that spool (s3, swift): a long in-order write drops what it has sent from the
+    local spool, so disk use does not grow with the image; a later write before the end then
+    fails with EIO and publishes nothing, never wrong bytes."""
+    if store_table["type"] not in ("s3", "swift"):
+        pytest.skip("writes go straight to this store: no spool")
+    m = mount_factory({"s": store_table}, cache={"spool_trim_after": "8MiB"})
+    pid = daemon_pid(m)
+    size = 200 * MiB
+    for name, rewind in (("kept.raw", False), ("broken.raw", True)):
+        h = hashlib.sha256()
+        fd = os.open(m.path("s", name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for off in range(0, size, MiB):
+                block = hashlib.sha512(f"{name}{off}".encode()).digest() * (MiB // 64)
+                os.write(fd, block)
+                h.update(block)
+            os.fsync(fd)  # the stream has caught up: the spool is trimmed by now
+            held = _spool_bytes(pid)
+            assert held <= 100 * MiB, f"spool holds {held / MiB:.0f} MiB of a 200 MiB image"
+            if rewind:
+                with pytest.raises(OSError) as e:
+                    os.pwrite(fd, b"header", 0)
+                assert e.value.errno == errno.EIO
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                assert rewind, "close failed for an in-order write"
+        if not rewind:
+            assert sha256(m.path("s", name)) == h.hexdigest()
+    assert os.listdir(m.path("s")) == ["kept.raw"]
+    assert "dropped from the local spool" in m.log_text()
 
 
 def test_dd_and_sha256(m: Mount, tmp_path: Path) -> None:
