@@ -25,7 +25,7 @@ import pytest
 from tests.backends.fixtures import empty_and_delete_bucket, s3_client, unique_name
 from tests.integration.test_common import MiB, make_file, sh
 from tests.kinds.s3 import s3_table
-from tests.mounting import IMAGEFS, daemon_pid
+from tests.mounting import IMAGEFS, daemon_pid, unmount
 
 
 def _hidden_state(s3: Any, bucket: str) -> tuple[list[str], list[str]]:
@@ -277,9 +277,18 @@ def test_frozen_endpoint_ends_in_eio_not_hang(mount_factory: Any, ceph: Any, s3_
             assert e.value.errno == errno.EIO
             took = time.monotonic() - started
         with pytest.raises(OSError) as e:
-            (m.path("s", "b.raw")).write_bytes(b"x" * 100)
+            (m.path("s", "b.raw")).write_bytes(b"x" * (12 * MiB))  # multipart
         assert e.value.errno == errno.EIO
         print(f"frozen endpoint: read failed with EIO after {took:.1f} s")
+        # the failed upload left nothing visible; the next mount clears what it left hidden
+        proxy.frozen.clear()
+        s3 = s3_client(ceph)
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket).get("Contents", [])]
+        assert [k for k in keys if not k.startswith(".imagefs-")] == ["a.raw"]
+        unmount(m)
+        m = mount_factory({"s": table})
+        assert os.listdir(m.path("s")) == ["a.raw"]
+        assert _hidden_state(s3, s3_bucket) == ([], [])
     finally:
         proxy.close()
 
