@@ -101,6 +101,10 @@ def check_name(name: str) -> None:
         raise InvalidName(f"image name {name!r} contains '/' or NUL")
     if len(name.encode("utf-8", "surrogateescape")) > _NAME_MAX:
         raise InvalidName(f"image name longer than {_NAME_MAX} bytes")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+        raise InvalidName(f"image name {name!r} is not valid UTF-8") from None
     if name.startswith(HIDDEN_PREFIX):
         raise InvalidName(f"names starting with {HIDDEN_PREFIX!r} are reserved for uploads")
 

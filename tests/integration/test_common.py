@@ -331,6 +331,9 @@ def test_hostile_names(m: Mount) -> None:
     with pytest.raises(OSError) as e:
         os.mkdir(store / "sub")
     assert e.value.errno == errno.EPERM
+    with pytest.raises(OSError) as e:  # object stores and Glance need UTF-8 names
+        os.close(os.open(os.fsencode(store) + b"/\xff\xfe.raw", os.O_WRONLY | os.O_CREAT))
+    assert e.value.errno == errno.EINVAL
     odd = "ünïcødé name with spaces & 'quotes'.raw"
     (store / odd).write_bytes(b"u" * 10)
     assert odd in os.listdir(store)
