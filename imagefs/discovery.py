@@ -1,7 +1,8 @@
 """``imagefs stores``: what stores exist, Glance-style (GET /v2/info/stores/detail).
 
 From a config file it opens the stores to ask for usage; from a mount point it reads the
-``user.imagefs.*`` attributes of each store directory, which need no backend access at all.
+``user.imagefs.*`` attributes of each store directory and counts its images from the listing
+the mount already keeps (``--no-usage`` skips that).
 Never prints a secret: only ``Store.properties()``, which stores keep free of credentials.
 """
 
@@ -41,7 +42,20 @@ def _from_config(path: str, usage: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def _from_mount(mnt: str) -> list[dict[str, Any]]:
+def _usage_of_dir(path: str) -> dict[str, Any]:
+    images = size = 0
+    try:
+        with os.scandir(path) as it:
+            for entry in it:
+                if entry.is_file(follow_symlinks=False):
+                    images += 1
+                    size += entry.stat(follow_symlinks=False).st_size
+    except OSError as e:  # a store that cannot list (EIO): say why the usage is missing
+        return {"error": e.strerror or str(e)}
+    return {"images": images, "bytes": size}
+
+
+def _from_mount(mnt: str, usage: bool) -> list[dict[str, Any]]:
     rows = []
     for name in sorted(os.listdir(mnt)):
         path = os.path.join(mnt, name)
@@ -56,14 +70,15 @@ def _from_mount(mnt: str) -> list[dict[str, Any]]:
                      "description": attrs.get("description", ""),
                      "default": attrs.get("default") == "true",
                      "read-only": attrs.get("read_only") == "true",
-                     "weight": int(attrs.get("weight", "0") or 0), "properties": {}})
+                     "weight": int(attrs.get("weight", "0") or 0),
+                     "properties": _usage_of_dir(path) if usage else {}})
     return rows
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         if os.path.isdir(args.source):
-            rows = _from_mount(args.source)
+            rows = _from_mount(args.source, usage=not args.no_usage)
         else:
             rows = _from_config(args.source, usage=not args.no_usage)
     except config_mod.ConfigError as e:

@@ -245,6 +245,10 @@ def test_stores_command(mount_factory: Any, file_store_table: dict[str, Any]) ->
     assert row["properties"]["images"] == 1 and row["properties"]["bytes"] == 4
     r = run_cli("stores", m.root)
     assert r.returncode == 0 and "fast" in r.stdout and "SSD" in r.stdout
+    r = run_cli("stores", m.root, "--json")
+    (row,) = json.loads(r.stdout)["stores"]
+    assert row["properties"] == {"images": 1, "bytes": 4}
+    assert row["default"] is True and row["type"] == "file"
 
 
 def test_daemon_crash_keeps_published_image_and_remount_cleans(
