@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.backends import common
+
 IMAGEFS = [sys.executable, "-m", "imagefs"]
 
 
@@ -89,12 +91,16 @@ def mount(where: Path, stores: Mapping[str, Mapping[str, Any]], *,
     if r.returncode != 0:
         text = log.read_text() if log.exists() else ""
         raise RuntimeError(f"imagefs mount failed ({r.returncode}): {r.stderr}\n{text[-4000:]}")
+    # A run killed by SIGTERM/SIGHUP (CI timeout) unmounts it through the harness's hooks.
+    common.install_cleanup_hooks()
+    common.register_mount(mnt)
     return Mount(mnt, cfg, log)
 
 
 def unmount(m: Mount, timeout: float = 120) -> None:
     """`imagefs umount`, falling back to a lazy unmount so a failed test leaves no mount."""
-    if not os.path.ismount(m.root):
+    if not common.mounted(m.root):  # also a dead mount (ENOTCONN), which ismount misses
+        common.unmount(m.root)
         return
     r = subprocess.run([*IMAGEFS, "umount", str(m.root), "--timeout", str(timeout)],
                        capture_output=True, text=True, timeout=timeout + 30)
@@ -103,6 +109,7 @@ def unmount(m: Mount, timeout: float = 120) -> None:
         deadline = time.monotonic() + 10
         while os.path.ismount(m.root) and time.monotonic() < deadline:
             time.sleep(0.1)
+    common.unmount(m.root)  # forgets it (and clears it if it is somehow still there)
 
 
 def daemon_pid(m: Mount) -> int:

@@ -353,6 +353,12 @@ def mount_tmpfs(path: Path, size: str) -> None:
         _mounts.append(path)
 
 
+def register_mount(path: Path) -> None:
+    """Record a mount made elsewhere (an imagefs test mount) so clean-up unmounts it too."""
+    with _registry_lock:
+        _mounts.append(path)
+
+
 def unmount(path: Path) -> None:
     """Unmount (lazily if busy) and forget *path*."""
     if mounted(path):
