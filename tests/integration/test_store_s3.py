@@ -385,3 +385,18 @@ def test_uploads_share_the_stores_part_memory(ceph: Any, s3_bucket: str,
               f"{store.upload_memory / MiB:.0f}; {store.memory.refused} parts went to files")
     finally:
         store.close()
+
+
+def test_listing_pages_past_1000_objects(mount_factory: Any, ceph: Any, s3_bucket: str,
+                                         tmp_path: Path) -> None:
+    """ListObjectsV2 answers 1,000 keys a page: every page is read, hidden keys never show."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s3 = s3_client(ceph)
+    names = [f"img-{i:05d}.raw" for i in range(1234)]
+    with ThreadPoolExecutor(16) as ex:
+        list(ex.map(lambda n: s3.put_object(Bucket=s3_bucket, Key=n, Body=n.encode()),
+                    [*names, ".imagefs-up-otherhost_1_1_ab"]))
+    m = mount_factory({"s": s3_table(ceph, s3_bucket, tmp_path)})
+    assert sorted(os.listdir(m.path("s"))) == names
+    assert m.path("s", names[-1]).read_bytes() == names[-1].encode()

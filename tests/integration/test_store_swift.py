@@ -1117,3 +1117,26 @@ def test_uploads_share_the_stores_memory(table: dict[str, Any],
     print(f"8 uploads: small images peak {small.peak / MiB:.1f} of {small.limit / MiB:.0f} MiB "
           f"({small.refused} refused), queued chunks peak {chunks.peak / MiB:.1f} of "
           f"{chunks.limit / MiB:.0f} MiB")
+
+
+def test_listing_pages_past_1000_objects(table: dict[str, Any], mount_factory: Any) -> None:
+    """Container listings answer 1,000 names a page: markers follow every page through the
+    mount; the segment container and markers never show."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f"img-{i:05d}.raw" for i in range(1234)]
+    local = threading.local()
+
+    def put(name: str) -> None:
+        if not hasattr(local, "conn"):
+            local.conn = raw(table)
+        local.conn.put_object(table["container"], name, name.encode())
+
+    conn = raw(table)
+    conn.put_container(table["container"])
+    conn.close()
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(put, names))
+    m = mount_factory({"s": table})
+    assert sorted(os.listdir(m.path("s"))) == names
+    assert m.path("s", names[-1]).read_bytes() == names[-1].encode()
