@@ -42,7 +42,9 @@ class BlockSource:
         self.nursery = nursery
         self._pending: dict[Hashable, _Pending] = {}
         self._prefetch = trio.Semaphore(max(1, prefetch_bytes // block_size))
-        self._disk_writes = trio.Semaphore(4)
+        # Blocks waiting for the disk cache; a block that finds none free is not stored there
+        # (bounded memory: at most 16 blocks), so reads never wait on the disk cache.
+        self._disk_writes = trio.Semaphore(16)
 
     def key(self, store: Store, info: ImageInfo, index: int) -> tuple:
         return (store.id, info.name, info.version, self.block_size, index)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.integration.test_common import MiB, make_file, sh
-from tests.mounting import IMAGEFS, Mount, daemon_pid, tool, unmount, write_config
+from tests.mounting import IMAGEFS, Mount, daemon_pid, mount, tool, unmount, write_config
 
 
 def expect_errno(code: int, fn: Any, *args: Any) -> None:
@@ -374,3 +374,42 @@ def test_mount_8_and_fstab_forms(tmp_path: Path, fstype: str) -> None:
         while subprocess.run(["pgrep", "-f", f"imagefs.*{cfg}"]).returncode == 0:
             assert time.monotonic() < deadline, "the daemon outlived the unmount"
             time.sleep(0.05)
+
+
+def _gets(nginx: Any, path: str) -> int:
+    log = Path(nginx.dir) / "log" / "access.log"
+    return sum(1 for line in log.read_text().splitlines() if f'"GET {path} ' in line)
+
+
+def test_http_reads_prefetch_and_hit_memory_then_disk_cache(
+        mount_factory: Any, nginx: Any, http_store_table: dict[str, Any], tmp_path: Path
+        ) -> None:
+    """Counted in nginx's access log: a sequential read fetches ahead of the reader, each
+    block once; a second read (page cache dropped) costs no request (memory cache); after a
+    remount, none either (disk cache, same cache dir)."""
+    served = nginx.root / http_store_table["url"].rstrip("/").rsplit("/", 1)[1]
+    digest = make_file(served / "big.raw", 24 * MiB, "cache")
+    path = "/" + served.name + "/big.raw"
+    cache = {"dir": str(tmp_path / "cache"), "readahead": "8MiB"}
+    m = mount_factory({"mirror": http_store_table}, cache=cache)
+    with open(m.path("mirror", "big.raw"), "rb", buffering=0) as f:
+        for _ in range(4):
+            f.read(256 << 10)  # 1 MiB, in order
+        deadline = time.monotonic() + 10
+        while _gets(nginx, path) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ahead = _gets(nginx, path)
+    assert ahead >= 6, f"only {ahead} blocks fetched for a 1 MiB sequential read"
+    assert sh("sha256sum", m.path("mirror", "big.raw")).stdout.split()[0] == digest
+    first = _gets(nginx, path)
+    assert first <= 24 + 2, f"{first} GETs for 24 blocks: blocks fetched twice"
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the next read reaches imagefs
+    assert sh("sha256sum", m.path("mirror", "big.raw")).stdout.split()[0] == digest
+    assert _gets(nginx, path) == first, "memory cache missed"
+    unmount(m)
+    m = mount(m.root.parent, {"mirror": http_store_table}, cache=cache)  # same mount point
+    try:
+        assert sh("sha256sum", m.path("mirror", "big.raw")).stdout.split()[0] == digest
+        assert _gets(nginx, path) == first, "disk cache missed after a remount"
+    finally:
+        unmount(m)
