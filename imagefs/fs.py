@@ -284,8 +284,14 @@ class ImageFS(pyfuse3.Operations):
 
     async def _attr_of(self, node: Node) -> pyfuse3.EntryAttributes:
         w = node.writer
-        if isinstance(w, Writer) and not (w.doomed and w.base is not None) and (
-                w.dirty or w.published is None and w.base is None):
+        if isinstance(w, Writer) and w.doomed and node.name is not None:
+            try:  # its bytes will never be published: show what is
+                info = await self.catalogs[node.store_id].stat(node.name)
+                node.extra["info"] = info
+                return self._image_attr(node, info)
+            except NotFound:
+                pass
+        if isinstance(w, Writer) and (w.dirty or w.published is None and w.base is None):
             return self._writer_attr(node, w)
         if node.name is None:
             info = node.extra.get("info")
