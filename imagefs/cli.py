@@ -13,6 +13,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from imagefs import config as config_mod
+from imagefs import hashing
 from imagefs.daemon import MountError, MountOptions, pidfile_for
 
 EXIT_FAIL = 1
@@ -183,10 +184,11 @@ def parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("hash", help="compute and store an image's Glance hashes",
                        description="Read the image and store os_hash_algo, os_hash_value and "
-                                   "checksum (md5) with it in its backend.")
+                                   "checksum (md5) with it in its backend, in one update, "
+                                   "unless the image changed while it was read (exit 1).")
     h.add_argument("image", help="MOUNTPOINT/STORE/IMAGE")
-    h.add_argument("--algo", default="sha512",
-                   choices=["sha512", "sha384", "sha256", "sha1", "md5"])
+    h.add_argument("--algo", choices=hashing.ALGOS,
+                   help="default: the mount's [hash] algo, the one it uses for what it writes")
     h.set_defaults(func=cmd_replicate)
 
     v = sub.add_parser("verify", help="read an image and compare with its stored hash",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagefs import hashing
 from imagefs.stores import option_specs, store_class, store_types
 from imagefs.stores.base import OptionError
 
@@ -184,7 +185,6 @@ _CACHE_KEYS: dict[str, Option] = {
     "spool_trim_after": Option("size", default=1 << 30),
 }
 
-_HASH_ALGOS = ("sha512", "sha384", "sha256", "sha1", "md5")
 
 
 def default_cache_dir() -> Path:
@@ -260,7 +260,8 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
         max_prefetch_memory=cache["max_prefetch_memory"],
         spool_trim_after=cache["spool_trim_after"],
     )
-    hashes = c.table("hash", data.get("hash", {}), {"algo": Option(_HASH_ALGOS, default="sha512")})
+    hashes = c.table("hash", data.get("hash", {}),
+                     {"algo": Option(hashing.ALGOS, default="sha512")})
 
     ttl = data.get("metadata_ttl", 2.0)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0:

@@ -23,6 +23,7 @@ import trio
 
 from imagefs import bridge
 from imagefs.catalog import Catalog
+from imagefs.hashing import parse_hashes
 from imagefs.inodes import ROOT, InodeTable, Node
 from imagefs.reader import BlockSource, Reader
 from imagefs.stores.base import (
@@ -744,6 +745,7 @@ class ImageFS(pyfuse3.Operations):
             "user.imagefs.default": "true" if store.default else "false",
             "user.imagefs.read_only": "true" if self._read_only(store) else "false",
             "user.imagefs.weight": str(store.weight),
+            "user.imagefs.hash_algo": self.settings.writer.hash_algo,
         }
 
     async def _xattrs(self, inode: int) -> Mapping[str, str]:
@@ -754,7 +756,7 @@ class ImageFS(pyfuse3.Operations):
             return {}
         store = self.stores[node.store_id]
         info = await self.catalogs[store.id].stat(node.name)
-        out = {"user.imagefs.store": store.id}
+        out = {"user.imagefs.store": store.id, "user.imagefs.version": info.version}
         try:
             out["user.imagefs.location"] = store.location(node.name)
         except StoreError:
@@ -777,9 +779,11 @@ class ImageFS(pyfuse3.Operations):
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        """Only the hash attributes are settable (``imagefs hash`` stores them this way), and
-        ``user.imagefs.discard`` on a file open for writing drops its pending bytes, so a
-        writer that failed half-way (``imagefs copy``) can close without publishing."""
+        """Only the hash attributes are settable: one at a time, or all three at once as
+        ``user.imagefs.hashes`` (what ``imagefs hash`` sets), refused with ESTALE when the
+        image is no longer the version they were computed from. ``user.imagefs.discard`` on a
+        file open for writing drops its pending bytes, so a writer that failed half-way
+        (``imagefs copy``) can close without publishing."""
         key = _decode(name).removeprefix("user.imagefs.")
         node = self.inodes.node(inode)
         if key == "discard" and node is not None:
@@ -789,12 +793,24 @@ class ImageFS(pyfuse3.Operations):
             log.info("%s/%s: pending bytes discarded on request", w.store.id, w.name)
             await w.cancel()
             return
-        if key not in _SETTABLE_META or node is None or node.name is None:
+        if (key not in _SETTABLE_META and key != "hashes") or node is None or node.name is None:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         store = self.stores[node.store_id]
         if self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
-        info = await bridge.call(store, store.set_meta, node.name, {key: _decode(value)},
+        meta = {key: _decode(value)}
+        if key == "hashes":
+            try:
+                version, meta = parse_hashes(_decode(value))
+            except ValueError as e:
+                log.warning("%s/%s: user.imagefs.hashes refused: %s", store.id, node.name, e)
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+            now = await self.catalogs[store.id].stat(node.name, fresh=True)
+            if version is not None and now.version != version:
+                log.warning("%s/%s: hashes not stored: computed from version %s, the image is "
+                            "now version %s", store.id, node.name, version, now.version)
+                raise pyfuse3.FUSEError(errno.ESTALE)
+        info = await bridge.call(store, store.set_meta, node.name, meta,
                                  timeout=self._copy_timeout(store, node))
         self.catalogs[store.id].put(info)
         node.extra["info"] = info

@@ -14,7 +14,9 @@ left alone when its size and md5 match (idempotent re-runs) and otherwise refuse
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
+import json
 import os
 import queue
 import sys
@@ -266,12 +268,27 @@ def _hash_file(path: Path, algo: str) -> tuple[str, str]:
 
 
 def hash_cmd(args: argparse.Namespace) -> int:
+    """Hash the bytes of one version and store the three values in one update, which the mount
+    refuses (ESTALE) if the image was replaced meanwhile: a hash never labels other bytes."""
     path = Path(args.image).absolute()
     _mount_root(path)
-    value, md5 = _hash_file(path, args.algo)
-    for key, v in (("os_hash_algo", args.algo), ("os_hash_value", value), ("checksum", md5)):
-        os.setxattr(path, XA + key, v.encode())
-    print(f"{path}: {args.algo}:{value} md5:{md5}")
+    algo = args.algo or _xattr(_store_dir(path), "hash_algo") or "sha512"
+    version = _xattr(path, "version")
+    if version is None:
+        raise UsageError(f"{path}: no such image")
+    value, md5 = _hash_file(path, algo)
+    doc = {"version": version, "os_hash_algo": algo, "os_hash_value": value, "checksum": md5}
+    try:
+        os.setxattr(path, XA + "hashes", json.dumps(doc).encode())
+    except OSError as e:
+        if e.errno == errno.ESTALE:
+            print(f"imagefs hash: {path} was replaced while it was read; nothing stored, "
+                  "run it again", file=sys.stderr)
+        else:
+            print(f"imagefs hash: {path}: cannot store the hashes: {e.strerror}",
+                  file=sys.stderr)
+        return EXIT_FAILED
+    print(f"{path}: {algo}:{value} md5:{md5}")
     return EXIT_OK
 
 

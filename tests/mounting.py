@@ -78,14 +78,18 @@ def write_config(where: Path, stores: Mapping[str, Mapping[str, Any]],
 
 def mount(where: Path, stores: Mapping[str, Mapping[str, Any]], *,
           cache: Mapping[str, Any] | None = None, options: list[str] | None = None,
-          **top: Any) -> Mount:
-    """Start a daemonized mount under ``where``; raises with the log if it does not come up."""
+          debug: bool = True, **top: Any) -> Mount:
+    """Start a daemonized mount under ``where``; raises with the log if it does not come up.
+
+    Tests mount with ``debug`` (every FUSE request logged, for post-mortems); benchmarks pass
+    ``debug=False`` to measure what an operator runs.
+    """
     where.mkdir(parents=True, exist_ok=True)
     cfg = write_config(where, stores, cache, **top)
     mnt = where / "mnt"
     mnt.mkdir(exist_ok=True)
     log = where / "imagefs.log"
-    opts = ["log=" + str(log), "debug"] + list(options or [])
+    opts = ["log=" + str(log)] + (["debug"] if debug else []) + list(options or [])
     r = subprocess.run([*IMAGEFS, "mount", str(cfg), str(mnt), "-o", ",".join(opts)],
                        capture_output=True, text=True, timeout=120)
     if r.returncode != 0:

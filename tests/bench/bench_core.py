@@ -39,7 +39,7 @@ def main() -> None:
             "file": {"type": "file", "path": str(store_dir)},
             "web": {"type": "http", "url": f"{info.url}b/"},
         }, cache={"memory_size": "256MiB", "disk_size": "2GiB",
-                  "block_size": os.environ.get("BENCH_BLOCK_SIZE", "1MiB")})
+                  "block_size": os.environ.get("BENCH_BLOCK_SIZE", "1MiB")}, debug=False)
         try:
             drop_caches()
             t_disk_w = timed(lambda: dd(src, store_dir / "direct.raw", extra=("conv=fsync",)))

@@ -87,7 +87,8 @@ def main() -> None:
         m = mount(work / "m", {"r": {"type": "rbd", "conf": info.conf, "pool": pool,
                                      "user": info.user, "keyring": info.keyring}},
                   cache={"memory_size": "256MiB", "disk_size": "2GiB",
-                         "block_size": os.environ.get("BENCH_BLOCK_SIZE", "1MiB")})
+                         "block_size": os.environ.get("BENCH_BLOCK_SIZE", "1MiB")},
+                  debug=False)
         try:
             drop_caches()
             t_fw = timed(lambda: dd(src, m.path("r", "via.raw"), extra=("conv=fsync",)))

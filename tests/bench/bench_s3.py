@@ -58,13 +58,13 @@ def main() -> None:
                 pass
 
         t_boto_get = timed(boto_get_stream)
-        m = mount(work / "m", {"s3": table}, cache=cache)
+        m = mount(work / "m", {"s3": table}, cache=cache, debug=False)
         try:
             drop_caches()
             t_fs_w = timed(lambda: dd(src, m.path("s3", "via.raw")))
         finally:
             unmount(m)
-        m = mount(work / "m2", {"s3": table}, cache=cache)
+        m = mount(work / "m2", {"s3": table}, cache=cache, debug=False)
         try:
             drop_caches()
             t_fs_cold = timed(lambda: dd(m.path("s3", "via.raw"), "/dev/null"))

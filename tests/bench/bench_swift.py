@@ -60,7 +60,7 @@ def bench_one(title: str, auth: str, user: str, key: str, src: Path, work: Path)
         "s": {"type": "swift", "auth_url": auth, "auth_version": "1", "user": user,
               "key_file": str(key_file), "container": container},
     }, cache={"memory_size": "256MiB", "disk_size": "2GiB",
-              "block_size": os.environ.get("BENCH_BLOCK_SIZE", "1MiB")})
+              "block_size": os.environ.get("BENCH_BLOCK_SIZE", "1MiB")}, debug=False)
     rows: list[tuple[str, float, str]] = []
     sc_w, sc_r = "write: swiftclient put_object", "read: swiftclient get_object"
     try:

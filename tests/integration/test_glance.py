@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
 import time
@@ -177,3 +178,43 @@ def test_copy_with_a_source_read_error_publishes_nothing(mount_factory: Any,
     assert "no copy was published" in err, err
     assert not (dirs["b"] / "big.raw").exists() and not (dirs["c"] / "big.raw").exists()
     assert os.listdir(dirs["b"]) == [] and os.listdir(dirs["c"]) == []
+
+
+def test_hash_stores_all_three_for_the_version_it_read(mount_factory: Any,
+                                                        tmp_path: Path) -> None:
+    """``imagefs hash`` uses the mount's [hash] algo and stores algo, value and md5 in one
+    update; hashes computed from a version that has since been replaced are refused (ESTALE),
+    as are malformed ones (EINVAL), and the image keeps what it had."""
+    d = tmp_path / "store"
+    d.mkdir()
+    m = mount_factory({"a": {"type": "file", "path": str(d)}}, hash={"algo": "sha256"})
+    assert xattrs(m.path("a"))["hash_algo"] == "sha256"
+    make_file(d / "vm.raw", 3 * MiB + 1, "vm")  # arrived another way: no stored hash
+    r = run_cli("hash", m.path("a", "vm.raw"))
+    assert r.returncode == 0, r.stderr
+    data = (d / "vm.raw").read_bytes()
+    xa = xattrs(m.path("a", "vm.raw"))
+    assert (xa["os_hash_algo"], xa["os_hash_value"], xa["checksum"]) == (
+        "sha256", hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest())
+    assert run_cli("verify", m.path("a", "vm.raw")).returncode == 0
+
+    old_version = xa["version"]
+    stale = {"version": old_version, "os_hash_algo": "sha512",
+             "os_hash_value": hashlib.sha512(data).hexdigest(),
+             "checksum": hashlib.md5(data).hexdigest()}
+    make_file(m.path("a", "vm.raw"), 2 * MiB, "replaced")  # replaced through the mount
+    assert xattrs(m.path("a", "vm.raw"))["version"] != old_version
+    with pytest.raises(OSError) as e:
+        os.setxattr(m.path("a", "vm.raw"), "user.imagefs.hashes", json.dumps(stale).encode())
+    assert e.value.errno == errno.ESTALE
+    new = (d / "vm.raw").read_bytes()
+    assert xattrs(m.path("a", "vm.raw"))["os_hash_value"] == hashlib.sha256(new).hexdigest()
+
+    for bad in (b"not json", json.dumps({**stale, "os_hash_value": "00"}).encode(),
+                json.dumps({**stale, "os_hash_algo": "crc32"}).encode(),
+                json.dumps({**stale, "extra": "x"}).encode()):
+        with pytest.raises(OSError) as e:
+            os.setxattr(m.path("a", "vm.raw"), "user.imagefs.hashes", bad)
+        assert e.value.errno == errno.EINVAL, bad
+    assert xattrs(m.path("a", "vm.raw"))["os_hash_value"] == hashlib.sha256(new).hexdigest()
+    assert run_cli("verify", m.path("a", "vm.raw")).returncode == 0

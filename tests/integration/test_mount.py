@@ -118,7 +118,7 @@ def test_root_layout_default_link_and_store_xattrs(mount_factory: Any,
     xa = {k: os.getxattr(m.path("fast"), k).decode() for k in os.listxattr(m.path("fast"))}
     assert xa == {"user.imagefs.type": "file", "user.imagefs.description": "SSD",
                   "user.imagefs.default": "true", "user.imagefs.read_only": "false",
-                  "user.imagefs.weight": "7"}
+                  "user.imagefs.weight": "7", "user.imagefs.hash_algo": "sha512"}
     expect_errno(errno.EPERM, os.mkdir, m.root / "newstore")
     expect_errno(errno.EPERM, os.rmdir, m.path("slow"))
 
