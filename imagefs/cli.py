@@ -49,7 +49,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return _fail(str(e), EXIT_USAGE)
     cfg = _load(args.config)
     try:
-        return daemon.mount(cfg, os.path.abspath(args.mountpoint), opts, args.foreground)
+        # The real path: /proc/PID/fd shows it, and the writer checks compare with it.
+        return daemon.mount(cfg, os.path.realpath(args.mountpoint), opts, args.foreground)
     except MountError as e:
         return _fail(str(e))
 
@@ -64,7 +65,7 @@ def _mounted(mountpoint: str) -> bool:
 def cmd_umount(args: argparse.Namespace) -> int:
     from imagefs import daemon
 
-    mnt = os.path.abspath(args.mountpoint)
+    mnt = os.path.realpath(args.mountpoint)
     if not _mounted(mnt):
         return _fail(f"{mnt} is not mounted")
     pidfile = pidfile_for(mnt)

@@ -112,6 +112,21 @@ class Handle:
     reader: Reader | None = None
     writer: Writer | None = None
     pid: int = 0  # the process that opened it
+    #: A reader whose reads the kernel serves from its page cache, capped at the inode's size.
+    cached: bool = False
+
+
+def process_of(tid: int) -> int:
+    """The process (thread group) of thread ``tid``: FUSE names the calling thread, which may
+    have ended by the time its file is closed, while the process goes on."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return tid
 
 
 def still_open_by(pid: int, path: str) -> bool:
@@ -128,11 +143,21 @@ def still_open_by(pid: int, path: str) -> bool:
         return False
     for fd in fds:
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == path:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == path and _writable_fd(pid, fd):
                 return True
         except OSError:
             continue
     return False
+
+
+def _writable_fd(pid: int, fd: str) -> bool:
+    """Only descriptors open for writing count: a reader of the same image in the writing
+    process must not hold back the publish its close should report on."""
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
+    return True
 
 
 _PF_EXITING = 0x4
@@ -285,13 +310,23 @@ class ImageFS(pyfuse3.Operations):
 
     async def _attr_of(self, node: Node) -> pyfuse3.EntryAttributes:
         w = node.writer
-        if isinstance(w, Writer) and w.doomed and node.name is not None:
-            try:  # its bytes will never be published: show what is
+        if (isinstance(w, Writer) and node.name is not None
+                and (w.existed or w.published is not None)):
+            # A published image is behind the name while new bytes are pending. Its readers
+            # must get all of it: the kernel stops reads at st_size, so st_size never drops
+            # below the published size (it grows with the writer, whose own reads and appends
+            # need its size; readers then end at their version's end).
+            try:
                 info = await self.catalogs[node.store_id].stat(node.name)
-                node.extra["info"] = info
-                return self._image_attr(node, info)
             except NotFound:
-                pass
+                info = None
+            if info is not None:
+                node.extra["info"] = info
+                a = self._image_attr(node, info)
+                if w.dirty and not w.doomed and w.size > info.size:
+                    a.st_size = w.size
+                a.entry_timeout = a.attr_timeout = 0
+                return a
         if isinstance(w, Writer) and (w.dirty or w.published is None and w.base is None):
             return self._writer_attr(node, w)
         if node.name is None:
@@ -322,7 +357,13 @@ class ImageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
         node = self.inodes.find(store.id, text)
         if node is not None and self._pending(node):
-            # Still being written and never published: nobody may see it under its name yet.
+            # Still being written and never published: nobody may see it under its name yet,
+            # except the writing process itself (stat, rename or unlink of its own new file).
+            w = node.writer
+            assert isinstance(w, Writer)
+            if ctx is not None and process_of(ctx.pid) in self._writer_pids(w):
+                self.inodes.looked_up(node)
+                return self._writer_attr(node, w)
             raise pyfuse3.FUSEError(errno.ENOENT)
         info = await self.catalogs[store.id].stat(text)
         node = self.inodes.get(store.id, text)
@@ -330,10 +371,28 @@ class ImageFS(pyfuse3.Operations):
         self.inodes.looked_up(node)
         return self._image_attr(node, info)
 
+    def _refuse_shrink_under_readers(self, node: Node, size: int, what: str) -> None:
+        """ETXTBSY for making an image smaller than a version its page-cache readers read.
+
+        The kernel takes the new size at once (O_TRUNC: 0) and stops those readers there: they
+        would see the end of the image and copy it short, without an error. Replacing with a
+        new file renamed over the old (rsync's way) is safe: readers keep their version."""
+        sizes = [o.reader.info.size for o in self._handles.values()
+                 if o.cached and o.node is node and o.reader is not None]
+        if sizes and size < max(sizes):
+            log.warning("%s/%s: %s refused (ETXTBSY): the image is open for reading; write a "
+                        "new file and rename it over instead", node.store_id, node.name, what)
+            raise pyfuse3.FUSEError(errno.ETXTBSY)
+
+    def _writer_pids(self, w: Writer) -> set[int]:
+        """The processes holding ``w`` open for writing."""
+        return {h.pid for h in self._handles.values() if h.writer is w and h.pid}
+
     @staticmethod
     def _pending(node: Node) -> bool:
+        """A new image being written: nothing is published under its name yet."""
         w = node.writer
-        return isinstance(w, Writer) and w.base is None and w.published is None
+        return isinstance(w, Writer) and not w.existed and w.published is None
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -377,6 +436,7 @@ class ImageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         w = node.writer if isinstance(node.writer, Writer) else None
         if fields.update_size:
+            self._refuse_shrink_under_readers(node, attr.st_size, "truncate")
             if w is None:
                 await self._truncate_published(node, store, attr.st_size)
             else:
@@ -491,9 +551,10 @@ class ImageFS(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EPERM)
 
     # ------------------------------------------------------------------ open/create
-    def _new_writer(self, store: Store, name: str, base: ImageInfo | None, mode: int) -> Writer:
+    def _new_writer(self, store: Store, name: str, base: ImageInfo | None, mode: int,
+                    existed: bool = False) -> Writer:
         assert self.nursery is not None
-        return Writer(store, name, base, mode, self.settings.writer, self.nursery)
+        return Writer(store, name, base, mode, self.settings.writer, self.nursery, existed)
 
     def _add_handle(self, h: Handle) -> int:
         fh = self._next_fh
@@ -527,10 +588,16 @@ class ImageFS(pyfuse3.Operations):
             info = await self.catalogs[store.id].stat(node.name, fresh=True)
             assert self.source is not None
             reader = Reader(self.source, store, info, self.settings.readahead)
+            if isinstance(node.writer, Writer):
+                # The writer's activity moves the kernel's idea of the file size (O_TRUNC sets
+                # it to 0, writes extend it): a page-cache reader would stop there, at EOF.
+                # Direct reads are not capped, so this reader gets its whole version.
+                h = Handle(node, store, reader=reader)
+                return pyfuse3.FileInfo(fh=self._add_handle(h), direct_io=True)
             keep = node.cached_version == info.version
             node.cached_version = info.version
-            return pyfuse3.FileInfo(fh=self._add_handle(Handle(node, store, reader=reader)),
-                                    keep_cache=keep)
+            h = Handle(node, store, reader=reader, cached=True)
+            return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=keep)
         if self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.name is None:
@@ -538,13 +605,21 @@ class ImageFS(pyfuse3.Operations):
         w = node.writer if isinstance(node.writer, Writer) else None
         if w is None:
             info = await self.catalogs[store.id].stat(node.name)
+            w = node.writer if isinstance(node.writer, Writer) else None
+        if flags & os.O_TRUNC:
+            # No await between this check and the writer taking the node: a reader opening
+            # meanwhile sees the writer and reads uncapped (see open for reading).
+            self._refuse_shrink_under_readers(node, 0, "open with O_TRUNC")
+        if w is None:
             truncate = bool(flags & os.O_TRUNC)
-            w = self._new_writer(store, node.name, None if truncate else info, info.mode)
+            w = self._new_writer(store, node.name, None if truncate else info, info.mode,
+                                 existed=True)
             node.writer = w
         elif flags & os.O_TRUNC:
             await w.truncate(0)
         node.cached_version = None
-        return self._write_info(self._add_handle(Handle(node, store, writer=w, pid=ctx.pid)))
+        h = Handle(node, store, writer=w, pid=process_of(ctx.pid))
+        return self._write_info(self._add_handle(h))
 
     @staticmethod
     def _write_info(fh: int) -> pyfuse3.FileInfo:
@@ -576,7 +651,7 @@ class ImageFS(pyfuse3.Operations):
             w = self._new_writer(store, text, None, stat.S_IFREG | (mode & 0o7777))
             node.writer = w
         self.inodes.looked_up(node)
-        fh = self._add_handle(Handle(node, store, writer=w, pid=ctx.pid))
+        fh = self._add_handle(Handle(node, store, writer=w, pid=process_of(ctx.pid)))
         node.cached_version = None
         return self._write_info(fh), self._writer_attr(node, w)
 
@@ -617,17 +692,19 @@ class ImageFS(pyfuse3.Operations):
         w = h.writer
         if w is None:
             return
+        if h.node.name is None:
+            # Unlinked while open: the bytes have no name. Publishing under the old name, even
+            # for a moment, would replace whatever was created under it since.
+            if w.dirty:
+                log.info("%s/%s: written after unlink; discarded", h.store.id, w.name)
+                await w.cancel()
+            return
         try:
             info = await w.publish()
         except Exception as e:
             log.error("%s/%s: upload failed, image not published: %s", h.store.id, w.name, e)
             raise
         if info is not None:
-            if h.node.name is None:  # unlinked while open: the new bytes have no name
-                log.info("%s/%s: written after unlink; published bytes deleted",
-                         h.store.id, info.name)
-                await bridge.call(h.store, h.store.delete, info.name)
-                return
             self._published(h.node, info)
 
     @fuse_errors
@@ -721,6 +798,13 @@ class ImageFS(pyfuse3.Operations):
         node = self.inodes.find(store.id, old)
         w = node.writer if node is not None and isinstance(node.writer, Writer) else None
         if w is not None and w.dirty:
+            writers = self._writer_pids(w)
+            if process_of(ctx.pid) not in writers:
+                # Only the writer knows when its bytes are complete (write, fsync, rename,
+                # close); anyone else would publish a half-written image under the new name.
+                log.warning("%s/%s: rename refused (EBUSY): still being written by pid %s",
+                            store.id, old, ", ".join(map(str, sorted(writers))) or "?")
+                raise pyfuse3.FUSEError(errno.EBUSY)
             await self._publish(Handle(node, store, writer=w))  # type: ignore[arg-type]
         size = (await self.catalogs[store.id].stat(old)).size
         info = await bridge.call(store, store.rename, old, new,

@@ -100,6 +100,9 @@ class Destination:
     error: str | None = None
     #: This command published an image under ``path`` (so a roll-back may remove it).
     published: bool = False
+    #: Overwrite an image already there (``--replace``); otherwise one that appears under
+    #: ``path`` after the checks is left alone (O_EXCL) and this destination fails.
+    replace: bool = False
 
     def run(self) -> None:
         """Write chunks until None (publish) or ABANDON (discard); a failure is recorded and
@@ -107,8 +110,9 @@ class Destination:
         ``user.imagefs.discard`` drops the pending bytes before the close, so the name keeps
         whatever it held before (nothing, unless ``--replace``)."""
         f = None
+        chunk: object = b""
         try:
-            f = open(self.path, "wb")
+            f = open(self.path, "wb" if self.replace else "xb")
             while (chunk := self.q.get()) is not None and chunk is not ABANDON:
                 assert isinstance(chunk, bytes)
                 f.write(chunk)
@@ -123,8 +127,10 @@ class Destination:
             if f is not None:
                 self._discard(f)
                 f = None
-            while (item := self.q.get()) is not None and item is not ABANDON:
-                pass
+            # Keep taking chunks so the reader never blocks on this queue, unless the end
+            # marker was already taken (the close itself failed).
+            while chunk is not None and chunk is not ABANDON:
+                chunk = self.q.get()
 
     def _discard(self, f: BinaryIO) -> None:
         try:
@@ -183,7 +189,7 @@ def copy(args: argparse.Namespace) -> int:
     if not todo:
         return EXIT_OK
     algo = _xattr(src, "os_hash_algo") or "sha512"
-    dests = [Destination(t, stores[t] / src.name) for t in todo]
+    dests = [Destination(t, stores[t] / src.name, replace=args.replace) for t in todo]
     threads = [threading.Thread(target=d.run, daemon=True) for d in dests]
     for t in threads:
         t.start()

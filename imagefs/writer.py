@@ -96,9 +96,13 @@ class Writer:
     """The pending new version of one image, shared by the handles that write it."""
 
     def __init__(self, store: Store, name: str, base: ImageInfo | None, mode: int,
-                 settings: WriterSettings, nursery: trio.Nursery) -> None:
+                 settings: WriterSettings, nursery: trio.Nursery, existed: bool = False) -> None:
         self.store = store
         self.name = name
+        #: An image was published under ``name`` when this writer began (also when it began
+        #: with O_TRUNC, so without a ``base``): until this writer publishes, that image is
+        #: what the name shows.
+        self.existed = existed or base is not None
         self.base = base
         self.mode = mode
         self.mtime: float | None = None
@@ -270,6 +274,10 @@ class Writer:
     async def read(self, offset: int, size: int) -> bytes:
         """What this handle wrote (or the seeded bytes), for O_RDWR users such as qemu-img."""
         async with self._lock:
+            self._not_cancelled()
+            if self.poisoned is not None:
+                raise BackendError(f"{self.store.id}/{self.name}: pending bytes unknown after a "
+                                   f"failure ({self.poisoned})")
             if not self._seeded and self.base is not None:
                 return await bridge.call(self.store, self.store.read_range, self.base.name,
                                          self.base.version, offset,
@@ -285,6 +293,8 @@ class Writer:
                 if offset < self._trimmed:
                     self._refuse_trimmed("read", offset)
                 data = await bridge.local(os.pread, self._spool, size, offset)
+                if offset < self._trimmed:  # the stream trimmed it while we read
+                    self._refuse_trimmed("read", offset)
             return data + bytes(size - len(data))
 
     async def truncate(self, size: int) -> None:
@@ -354,7 +364,8 @@ class Writer:
     async def _trim(self) -> None:
         """Punch out of the spool what was sent, once the image is big and still in order."""
         limit = self.settings.spool_trim_after
-        if not limit or self._no_trim or self._streamed < limit or self._spool is None:
+        if (not limit or self._no_trim or not self._sequential or self._streamed < limit
+                or self._spool is None):
             return
         end = self._streamed & ~(CHUNK - 1)
         if end - self._trimmed < 16 * CHUNK:
@@ -413,6 +424,10 @@ class Writer:
                     info = await self._publish_spool(meta)
             except BaseException as e:
                 self.publish_error = e
+                if self.direct:
+                    # The upload holding the written bytes was aborted: a later write would
+                    # start an empty one and publish zeros where these bytes were.
+                    self.poisoned = self.poisoned or e
                 raise
             self.base = self.published = info
             self.dirty = False

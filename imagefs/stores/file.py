@@ -10,9 +10,11 @@ Hashes and other metadata live in ``user.imagefs.*`` xattrs; mtime and mode are 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import secrets
 import stat
+import struct
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -49,9 +51,34 @@ def _fail(e: OSError, what: str) -> Exception:
     return BackendError(f"{what}: {e.strerror or e}")
 
 
-def _version(st: os.stat_result) -> str:
-    """Inode first: our own writes always publish a new inode (temp file + rename)."""
-    return f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+_FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long): the inode's generation number
+
+
+def _identity(st: os.stat_result, fd: int | None) -> str:
+    """The inode, with its generation where the filesystem has one (ext4, xfs, btrfs): inode
+    numbers are reused, so after two replacements the number alone may name other bytes."""
+    if fd is not None:
+        try:
+            (gen,) = struct.unpack("q", fcntl.ioctl(fd, _FS_IOC_GETVERSION, bytes(8)))
+            return f"{st.st_ino}g{gen}"
+        except OSError:
+            pass
+    return str(st.st_ino)
+
+
+def _version(st: os.stat_result, fd: int | None) -> str:
+    """Identity first: our own writes always publish a new inode (temp file + rename)."""
+    return f"{_identity(st, fd)}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def _same_version(fd: int, version: str) -> bool:
+    """Whether ``fd`` holds the bytes of ``version``. With a generation number the identity
+    decides, so chmod/utime on the same bytes do not fail open readers; without one, size and
+    mtime must match too."""
+    st = os.fstat(fd)
+    if "g" in version.split("-", 1)[0]:
+        return _identity(st, fd) == version.split("-", 1)[0]
+    return _version(st, None) == version
 
 
 class FileUpload(Upload):
@@ -177,7 +204,7 @@ class FileStore(Store):
             except OSError:
                 pass
         return ImageInfo(name=name, size=st.st_size, mtime=st.st_mtime_ns / 1e9,
-                         mode=st.st_mode, version=_version(st), meta=meta)
+                         mode=st.st_mode, version=_version(st, fd), meta=meta)
 
     def _apply_meta(self, fd: int, meta: Mapping[str, str]) -> None:
         for key, value in meta.items():
@@ -217,8 +244,7 @@ class FileStore(Store):
     def read_range(self, name: str, version: str, offset: int, length: int) -> bytes:
         fd = self._open_image(name)
         try:
-            # Compare the inode only: chmod/utime on the same bytes must not fail open readers.
-            if str(os.fstat(fd).st_ino) != version.split("-", 1)[0]:
+            if not _same_version(fd, version):
                 raise Changed(f"{self.id}/{name} changed since it was opened")
             return os.pread(fd, length, offset)
         except OSError as e:
