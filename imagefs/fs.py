@@ -898,6 +898,9 @@ class ImageFS(pyfuse3.Operations):
                                  timeout=self._copy_timeout(store, node))
         self.catalogs[store.id].put(info)
         node.extra["info"] = info
+        w = node.writer if isinstance(node.writer, Writer) else None
+        if w is not None and w.base is not None and not w.dirty:
+            w.base = info  # S3 changes metadata by a copy: a new version to start from
 
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         raise pyfuse3.FUSEError(errno.EOPNOTSUPP)

@@ -159,21 +159,29 @@ class Writer:
         os.unlink(path)  # anonymous: a crash leaves nothing behind
         return fd
 
-    async def _copy_published(self, sink: Callable[[int, bytes], None]) -> None:
-        """Feed the published bytes of ``base`` to ``sink`` in order, chunk by chunk."""
+    async def _copy_published(self, sink: Callable[[int, bytes], None], end: int) -> None:
+        """Feed the published bytes of ``base`` below ``end`` to ``sink`` in order."""
         base = self.base
         assert base is not None
-        for off in range(0, base.size, CHUNK):
-            n = min(CHUNK, base.size - off)
+        for off in range(0, end, CHUNK):
+            n = min(CHUNK, end - off)
             data = await bridge.call(self.store, self.store.read_range, base.name, base.version,
                                      off, n)
             if len(data) != n:
                 raise BackendError(f"{self.store.id}/{base.name}: short read while seeding")
-            await bridge.local(sink, off, data)
+            if self.direct:  # the sink writes to the store: under its deadline
+                await bridge.call(self.store, sink, off, data)
+            else:
+                await bridge.local(sink, off, data)
 
-    async def _ensure_seeded(self) -> None:
+    async def _ensure_seeded(self, upto: int | None = None) -> None:
+        """Start the pending image from the published one: only its first ``upto`` bytes
+        when a truncate follows (``dd`` truncates to 0 first: nothing to fetch)."""
         if self._seeded:
             return
+        end = self.base.size if self.base else 0
+        if upto is not None:
+            end = min(end, upto)
         if self.direct:
             if self._upload is None:
                 self._upload = await self._new_upload()
@@ -185,15 +193,15 @@ class Writer:
                 up.write(off, data)
                 self._hasher.update(data)
 
-            await self._copy_published(sink)
-            self._extent = self.base.size if self.base else 0
+            await self._copy_published(sink, end)
+            self._extent = end
         else:
             if self._spool is None:
                 self._spool = await bridge.local(self._open_spool)
             fd = self._spool
             await bridge.local(os.ftruncate, fd, 0)
-            await self._copy_published(lambda off, data: os.pwrite(fd, data, off))
-            self._hw = self.base.size if self.base else 0
+            await self._copy_published(lambda off, data: os.pwrite(fd, data, off), end)
+            self._hw = end
             self._sequential = False if self._streamed else self._sequential
             if self._hw:
                 self._start_stream()
@@ -307,7 +315,7 @@ class Writer:
                 raise
 
     async def _truncate(self, size: int) -> None:
-        await self._ensure_seeded()
+        await self._ensure_seeded(upto=size)
         if self.direct:
             if self._upload is None:
                 self._upload = await self._new_upload()

@@ -97,6 +97,23 @@ def test_overwrite_keeps_old_until_close(m: Mount) -> None:
     assert path.read_bytes() == b"old" + b"NEW" + b"old" * 998
 
 
+def test_truncate_then_write_keeps_the_prefix(m: Mount, tmp_path: Path) -> None:
+    """ftruncate first (dd without conv=notrunc): only the kept prefix is fetched to start
+    from; what was cut stays cut, what follows is written."""
+    path = m.path("s", "t.raw")
+    make_file(path, 3 * MiB + 7, "t")
+    old = path.read_bytes()
+    with open(path, "r+b", buffering=0) as f:
+        f.truncate(MiB + 5)
+        f.write(b"X")
+        f.seek(MiB + 5)
+        f.write(b"tail")
+    assert path.read_bytes() == b"X" + old[1:MiB + 5] + b"tail"
+    (tmp_path / "small").write_bytes(b"s" * 1000)
+    sh("dd", f"if={tmp_path / 'small'}", f"of={path}", "bs=64k", "status=none")
+    assert path.read_bytes() == b"s" * 1000
+
+
 def test_rsync_twice_copies_nothing(m: Mount, tmp_path: Path) -> None:
     tool("rsync")
     src = tmp_path / "tree"

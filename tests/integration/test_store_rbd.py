@@ -323,8 +323,14 @@ def test_replaced_while_open_gives_old_bytes_or_eio(
     outcomes = []
     with open(m.path("r", "v.raw"), "rb", buffering=0) as f:
         assert f.read(65536) == old[:65536]
-        # replaced by another process, through the same mount
-        sh(sys.executable, "-c", "import shutil,sys; shutil.copyfile(sys.argv[1], sys.argv[2])",
+        # Overwriting it in place (O_TRUNC) would make the kernel end this read early: refused.
+        r = subprocess.run([sys.executable, "-c", "import shutil,sys; shutil.copyfile("
+                            "sys.argv[1], sys.argv[2])", new_src, m.path("r", "v.raw")],
+                           capture_output=True, text=True)
+        assert r.returncode != 0 and "Text file busy" in r.stderr, r.stderr
+        # replaced by another process, through the same mount, the safe way
+        sh(sys.executable, "-c", "import shutil,sys,os; shutil.copyfile(sys.argv[1], "
+           "sys.argv[2] + '.tmp'); os.rename(sys.argv[2] + '.tmp', sys.argv[2])",
            new_src, m.path("r", "v.raw"))
         for off in (8 * MiB, 40 * MiB + 4096, 63 * MiB):
             try:
