@@ -311,11 +311,11 @@ class ImageFS(pyfuse3.Operations):
     async def _attr_of(self, node: Node) -> pyfuse3.EntryAttributes:
         w = node.writer
         if (isinstance(w, Writer) and node.name is not None
-                and (w.existed or w.published is not None)):
-            # A published image is behind the name while new bytes are pending. Its readers
-            # must get all of it: the kernel stops reads at st_size, so st_size never drops
-            # below the published size (it grows with the writer, whose own reads and appends
-            # need its size; readers then end at their version's end).
+                and (w.existed or w.published is not None)
+                and (w.doomed or self._readers_of(node))):
+            # A published image is behind the name while new bytes are pending, and someone
+            # reads it: readers take the size from stat (qemu) and the kernel ends their reads
+            # there, so it never drops below the published size; a growing writer's shows.
             try:
                 info = await self.catalogs[node.store_id].stat(node.name)
             except NotFound:
@@ -368,8 +368,29 @@ class ImageFS(pyfuse3.Operations):
         info = await self.catalogs[store.id].stat(text)
         node = self.inodes.get(store.id, text)
         node.extra["info"] = info
+        attr = (await self._attr_of(node) if isinstance(node.writer, Writer)
+                else self._image_attr(node, info))
         self.inodes.looked_up(node)
-        return self._image_attr(node, info)
+        return attr
+
+    @staticmethod
+    def _joinable_writer(node: Node) -> Writer | None:
+        """The writer a new write handle on ``node`` shares, or None to start a new one.
+
+        A writer whose pending bytes are lost (a write or publish failed, or it was
+        discarded) is left to the handles that have it: they can only fail. A new open
+        starts afresh, or every later close of the image would fail too."""
+        w = node.writer
+        if not isinstance(w, Writer):
+            return None
+        if w.private:
+            raise pyfuse3.FUSEError(errno.EBUSY)  # truncate(2) in progress
+        if w.poisoned is not None or w.cancelled:
+            return None
+        return w
+
+    def _readers_of(self, node: Node) -> list[Handle]:
+        return [o for o in self._handles.values() if o.node is node and o.reader is not None]
 
     def _refuse_shrink_under_readers(self, node: Node, size: int, what: str) -> None:
         """ETXTBSY for making an image smaller than a version its page-cache readers read.
@@ -377,8 +398,8 @@ class ImageFS(pyfuse3.Operations):
         The kernel takes the new size at once (O_TRUNC: 0) and stops those readers there: they
         would see the end of the image and copy it short, without an error. Replacing with a
         new file renamed over the old (rsync's way) is safe: readers keep their version."""
-        sizes = [o.reader.info.size for o in self._handles.values()
-                 if o.cached and o.node is node and o.reader is not None]
+        sizes = [o.reader.info.size for o in self._readers_of(node)
+                 if o.cached and o.reader is not None]
         if sizes and size < max(sizes):
             log.warning("%s/%s: %s refused (ETXTBSY): the image is open for reading; write a "
                         "new file and rename it over instead", node.store_id, node.name, what)
@@ -487,14 +508,24 @@ class ImageFS(pyfuse3.Operations):
         if node.name is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         info = await self.catalogs[store.id].stat(node.name)
+        if isinstance(node.writer, Writer):  # opened for writing meanwhile: its truncate
+            self._refuse_shrink_under_readers(node, size, "truncate")
+            await node.writer.truncate(size)
+            return
         if info.size == size:
             return
-        w = self._new_writer(store, node.name, info, info.mode)
+        # Checked again with no await before the writer takes the node, so a reader that
+        # opens while the new version is made sees the writer (and reads uncapped).
+        self._refuse_shrink_under_readers(node, size, "truncate")
+        w = node.writer = self._new_writer(store, node.name, info, info.mode)
+        w.private = True
         try:
             await w.truncate(size)
             w.mtime = time.time()
             new = await w.publish()
         finally:
+            if node.writer is w:
+                node.writer = None
             await w.discard()
         if new is not None:
             self._published(node, new)
@@ -588,9 +619,12 @@ class ImageFS(pyfuse3.Operations):
             info = await self.catalogs[store.id].stat(node.name, fresh=True)
             assert self.source is not None
             reader = Reader(self.source, store, info, self.settings.readahead)
-            if isinstance(node.writer, Writer):
-                # The writer's activity moves the kernel's idea of the file size (O_TRUNC sets
-                # it to 0, writes extend it): a page-cache reader would stop there, at EOF.
+            if isinstance(node.writer, Writer) or any(
+                    o.cached and o.reader is not None and o.reader.info.version != info.version
+                    for o in self._readers_of(node)):
+                # The kernel caps page-cache reads at the inode's size, which others move: a
+                # writer (O_TRUNC sets 0, writes extend it) or a reader of an older, smaller
+                # version hitting its end (the kernel then lowers the size for everyone).
                 # Direct reads are not capped, so this reader gets its whole version.
                 h = Handle(node, store, reader=reader)
                 return pyfuse3.FileInfo(fh=self._add_handle(h), direct_io=True)
@@ -602,10 +636,10 @@ class ImageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.name is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        w = node.writer if isinstance(node.writer, Writer) else None
+        w = self._joinable_writer(node)
         if w is None:
             info = await self.catalogs[store.id].stat(node.name)
-            w = node.writer if isinstance(node.writer, Writer) else None
+            w = self._joinable_writer(node)
         if flags & os.O_TRUNC:
             # No await between this check and the writer taking the node: a reader opening
             # meanwhile sees the writer and reads uncapped (see open for reading).
@@ -634,12 +668,13 @@ class ImageFS(pyfuse3.Operations):
         if self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.inodes.get(store.id, text)
-        existing = node.writer if isinstance(node.writer, Writer) else None
+        existing = self._joinable_writer(node)
         if existing is not None:
             if flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
             w = existing
             if flags & os.O_TRUNC:
+                self._refuse_shrink_under_readers(node, 0, "create with O_TRUNC")
                 await w.truncate(0)
         else:
             if flags & os.O_EXCL:

@@ -123,6 +123,8 @@ class Writer:
         #: The writer asked for its pending bytes to be dropped (``imagefs copy`` after a
         #: failure elsewhere): nothing is published, later writes fail.
         self.cancelled = False
+        #: Made for one operation (truncate(2) on a path): no handle may join it.
+        self.private = False
         self.direct = "random_write" in store.capabilities
         self._seeded = base is None
         self._lock = trio.Lock()

@@ -23,8 +23,8 @@ def _store(mount_factory: Any, tmp_path: Path) -> tuple[Any, Path]:
 
 def test_readers_get_the_whole_published_image_during_a_shrinking_rewrite(
         mount_factory: Any, tmp_path: Path) -> None:
-    """dd without conv=notrunc opens, then ftruncate(0)s: st_size must not drop below the
-    published size meanwhile, or the kernel cuts readers' copies short (exit 0)."""
+    """dd without conv=notrunc opens, then ftruncate(0)s: a reader opening meanwhile must
+    not be stopped at the writer's size (a short copy, exit 0), nor see a smaller st_size."""
     m, d = _store(mount_factory, tmp_path)
     old = os.urandom(100_000)
     m.path("a", "img.raw").write_bytes(old)
@@ -32,9 +32,11 @@ def test_readers_get_the_whole_published_image_during_a_shrinking_rewrite(
     try:
         os.ftruncate(fd, 10)
         os.pwrite(fd, b"new", 0)
-        assert os.stat(m.path("a", "img.raw")).st_size == len(old)
         r = subprocess.run(["cat", str(m.path("a", "img.raw"))], capture_output=True, check=True)
         assert r.stdout == old
+        with open(m.path("a", "img.raw"), "rb") as reader:
+            assert os.fstat(reader.fileno()).st_size == len(old)
+            assert reader.read() == old
     finally:
         os.close(fd)
     assert m.path("a", "img.raw").read_bytes() == b"new" + old[3:10]
@@ -82,7 +84,7 @@ def test_o_trunc_rewrite_keeps_the_name_and_unlink_removes_it(mount_factory: Any
     m.path("a", "img.raw").write_bytes(old)
     with open(m.path("a", "img.raw"), "wb", buffering=0) as f:  # O_TRUNC
         f.write(b"half")
-        assert os.stat(m.path("a", "img.raw")).st_size == len(old)
+        assert m.path("a", "img.raw").exists()
         assert m.path("a", "img.raw").read_bytes() == old
         os.unlink(m.path("a", "img.raw"))
         assert not m.path("a", "img.raw").exists()
@@ -190,3 +192,72 @@ def test_file_store_reader_never_reads_a_later_image(mount_factory: Any,
             assert got == b"a" * 4096, (i, os.stat(d / "v.img").st_ino == ino, got[:8])
     finally:
         os.close(fd)
+
+
+def test_reader_of_a_newer_version_is_not_cut_short_by_an_older_reader(
+        mount_factory: Any, tmp_path: Path) -> None:
+    """A reader of the old, smaller version reaching its end makes the kernel lower the
+    file's size: a page-cache reader of the new version would stop there. It reads direct."""
+    m, d = _store(mount_factory, tmp_path)
+    v1, ext = os.urandom(MiB), os.urandom(MiB)
+    m.path("a", "tv.img").write_bytes(v1)
+    r1 = os.open(m.path("a", "tv.img"), os.O_RDONLY)
+    try:
+        assert os.pread(r1, 4096, 0) == v1[:4096]
+        with open(m.path("a", "tv.img"), "ab") as w:  # grows: allowed under readers
+            w.write(ext)
+        r2 = os.open(m.path("a", "tv.img"), os.O_RDONLY)
+        try:
+            assert os.fstat(r2).st_size == 2 * MiB
+            assert os.pread(r1, 4096, MiB) == b""  # r1's version ends here
+            assert os.pread(r2, 65536, MiB + 4096) == ext[4096:4096 + 65536]
+        finally:
+            os.close(r2)
+    finally:
+        os.close(r1)
+
+
+def test_writer_sees_its_own_size_when_nobody_reads(mount_factory: Any,
+                                                    tmp_path: Path) -> None:
+    m, d = _store(mount_factory, tmp_path)
+    m.path("a", "img").write_bytes(os.urandom(MiB))
+    fd1 = os.open(m.path("a", "img"), os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd1, b"hello")
+        assert os.lseek(fd1, 0, os.SEEK_END) == 5
+        fd2 = os.open(m.path("a", "img"), os.O_WRONLY | os.O_APPEND)
+        os.write(fd2, b"world")
+        os.close(fd2)
+    finally:
+        os.close(fd1)
+    assert m.path("a", "img").read_bytes() == b"helloworld"
+
+
+def test_a_new_rewrite_is_not_tied_to_a_failed_one(mount_factory: Any,
+                                                    tmp_path: Path) -> None:
+    """A's publish fails while another process still holds the image open for writing; B's
+    complete rewrite from a fresh O_TRUNC open publishes (A's lost bytes never do)."""
+    m, d = _store(mount_factory, tmp_path)
+    p = m.path("a", "img3")
+    p.write_bytes(b"A" * 100_000)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(p)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        fa = os.open(p, os.O_WRONLY)
+        os.pwrite(fa, b"x" * 10, 0)
+        subprocess.run(["chattr", "+i", str(d)], check=True)
+        try:
+            with pytest.raises(OSError):
+                os.rename(p, m.path("a", "moved"))  # publishes first: fails
+        finally:
+            subprocess.run(["chattr", "-i", str(d)], check=True)
+        with pytest.raises(OSError):
+            os.close(fa)
+        with open(p, "wb") as fb:
+            fb.write(b"B" * 5000)
+        assert p.read_bytes() == b"B" * 5000
+    finally:
+        holder.communicate("go\n", timeout=60)
+    assert holder.returncode != 0  # its close reports the lost bytes
+    assert p.read_bytes() == b"B" * 5000
