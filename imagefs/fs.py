@@ -917,20 +917,21 @@ class ImageFS(pyfuse3.Operations):
         store = self.stores[node.store_id]
         if self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
-        meta = {key: _decode(value)}
+        meta, version = {key: _decode(value)}, None
         if key == "hashes":
             try:
                 version, meta = parse_hashes(_decode(value))
             except ValueError as e:
                 log.warning("%s/%s: user.imagefs.hashes refused: %s", store.id, node.name, e)
                 raise pyfuse3.FUSEError(errno.EINVAL) from None
-            now = await self.catalogs[store.id].stat(node.name, fresh=True)
-            if version is not None and now.version != version:
-                log.warning("%s/%s: hashes not stored: computed from version %s, the image is "
-                            "now version %s", store.id, node.name, version, now.version)
-                raise pyfuse3.FUSEError(errno.ESTALE)
-        info = await bridge.call(store, store.set_meta, node.name, meta,
-                                 timeout=self._copy_timeout(store, node))
+        try:
+            info = await bridge.call(store, store.set_meta, node.name, meta, version,
+                                     timeout=self._copy_timeout(store, node))
+        except Changed as e:
+            self.catalogs[store.id].forget(node.name)
+            log.warning("%s/%s: hashes not stored: they were computed from version %s (%s)",
+                        store.id, node.name, version, e)
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
         self.catalogs[store.id].put(info)
         node.extra["info"] = info
         w = node.writer if isinstance(node.writer, Writer) else None

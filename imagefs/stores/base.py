@@ -243,8 +243,13 @@ class Store(ABC):
     def delete(self, name: str) -> None: ...
 
     @abstractmethod
-    def set_meta(self, name: str, meta: Mapping[str, str]) -> ImageInfo:
-        """Merge ``meta`` into the image's metadata (mtime, mode, hashes)."""
+    def set_meta(self, name: str, meta: Mapping[str, str], expect: str | None = None
+                 ) -> ImageInfo:
+        """Merge ``meta`` into the image's metadata (mtime, mode, hashes).
+
+        With ``expect`` (a version), only if the image is still that version, checked in the
+        same backend operation where the backend allows it; ``Changed`` otherwise. Hashes
+        computed from one version must never be stored with another."""
 
     @abstractmethod
     def location(self, name: str) -> str:

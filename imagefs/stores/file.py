@@ -283,10 +283,13 @@ class FileStore(Store):
         except OSError as e:
             raise _fail(e, f"{self.id}/{name}") from None
 
-    def set_meta(self, name: str, meta: Mapping[str, str]) -> ImageInfo:
+    def set_meta(self, name: str, meta: Mapping[str, str], expect: str | None = None
+                 ) -> ImageInfo:
         self._writable()
         fd = self._open_image(name)
         try:
+            if expect is not None and not _same_version(fd, expect):
+                raise Changed(f"{self.id}/{name} is no longer version {expect}")
             self._apply_meta(fd, meta)
             return self._info(name, os.fstat(fd), fd)
         except OSError as e:

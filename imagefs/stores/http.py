@@ -188,7 +188,8 @@ class HttpStore(Store):
     def delete(self, name: str) -> None:
         self._refuse()
 
-    def set_meta(self, name: str, meta: Mapping[str, str]) -> ImageInfo:
+    def set_meta(self, name: str, meta: Mapping[str, str], expect: str | None = None
+                 ) -> ImageInfo:
         return self._refuse()
 
     def location(self, name: str) -> str:

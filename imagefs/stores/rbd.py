@@ -973,11 +973,14 @@ class RbdStore(Store):
         self._remove_image(name)
         self._forget(name)
 
-    def set_meta(self, name: str, meta: Mapping[str, str]) -> ImageInfo:
+    def set_meta(self, name: str, meta: Mapping[str, str], expect: str | None = None
+                 ) -> ImageInfo:
         self._writable()
         check_name(name)
         image = self._open_image(name, read_only=False)
         try:
+            if expect is not None and image.id() != expect:  # the handle pins the image
+                raise Changed(f"{self.id}/{name} is no longer version {expect}")
             for key, value in user_meta(meta).items():
                 image.metadata_set(META_PREFIX + key, value)
             info = self._info(name, image)

@@ -796,11 +796,15 @@ class S3Store(Store):
         self.stat(name)  # S3 deletes of missing keys succeed; ENOENT must still be ENOENT
         self._call(f"{self.id}/{name}", "delete_object", write=True, Key=self._key(name))
 
-    def set_meta(self, name: str, meta: Mapping[str, str]) -> ImageInfo:
-        """S3 metadata is fixed at creation: replace it by copying the object onto itself."""
+    def set_meta(self, name: str, meta: Mapping[str, str], expect: str | None = None
+                 ) -> ImageInfo:
+        """S3 metadata is fixed at creation: replace it by copying the object onto itself (the
+        copy is conditional on the ETag seen, so ``expect`` holds through it)."""
         self._writable()
         pinned = self._head_raw(self._key(name))
         cur = self._info(name, pinned)
+        if expect is not None and cur.version != expect:
+            raise Changed(f"{self.id}/{name} is no longer version {expect}")
         merged = {**cur.meta, **meta}
         if META_MODE in merged:
             merged[META_MODE] = f"{int(merged[META_MODE], 8) & 0o7777:o}"

@@ -1561,11 +1561,14 @@ class SwiftStore(Store):
         if still:
             raise BackendError(f"store {self.id}: {name}: the SLO delete left the manifest")
 
-    def set_meta(self, name: str, meta: Mapping[str, str]) -> ImageInfo:
+    def set_meta(self, name: str, meta: Mapping[str, str], expect: str | None = None
+                 ) -> ImageInfo:
         """POST replaces all user metadata: merge with what HEAD says first."""
         self._writable()
         check_name(name)
         h, (info, _, _) = self._head_headers(name, newest=True)
+        if expect is not None and info.version != expect:
+            raise Changed(f"{self.id}/{name} is no longer version {expect}")
         current = _meta_of(h, keep_server=True)
         merged = {**current, **{k: v for k, v in user_meta(meta).items()
                                 if not k.startswith("imagefs_")}}
@@ -1585,9 +1588,11 @@ class SwiftStore(Store):
                      "are written back", self.id, name)
             own = self._own_meta(name, real[0], h2)
             asked = {k: v for k, v in user_meta(meta).items() if not k.startswith("imagefs_")}
-            merged = {**own, **asked}
+            merged = {**own, **asked} if expect is None else own
             self._call(f"{name}: POST", "post_object", self.container, name,
                        headers=_meta_headers(merged), write=True)
+            if expect is not None:
+                raise Changed(f"{self.id}/{name} was replaced while its metadata was set")
             info = real[0]
         visible = {k: v for k, v in merged.items() if k not in _OWN_META + tuple(_SERVER_META)}
         return ImageInfo(name=name, size=info.size, mtime=meta_mtime(visible, info.mtime),

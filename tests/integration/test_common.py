@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import subprocess
 import threading
@@ -95,6 +96,27 @@ def test_overwrite_keeps_old_until_close(m: Mount) -> None:
         r = subprocess.run(["cat", str(path)], capture_output=True)
         assert r.stdout == b"old" * 1000
     assert path.read_bytes() == b"old" + b"NEW" + b"old" * 998
+
+
+def test_hashes_are_stored_only_for_the_version_they_were_computed_from(m: Mount) -> None:
+    """``user.imagefs.hashes`` carries the version it was computed from; the store checks it
+    in the same operation that stores them (ESTALE after a replacement)."""
+    path = m.path("s", "h.raw")
+    path.write_bytes(b"1" * 5000)
+    v1 = os.getxattr(path, "user.imagefs.version").decode()
+    doc = {"version": v1, "os_hash_algo": "sha256",
+           "os_hash_value": hashlib.sha256(b"1" * 5000).hexdigest(),
+           "checksum": hashlib.md5(b"1" * 5000).hexdigest()}
+    os.setxattr(path, "user.imagefs.hashes", json.dumps(doc).encode())
+    assert os.getxattr(path, "user.imagefs.os_hash_value").decode() == doc["os_hash_value"]
+    tmp = m.path("s", "h.tmp")
+    tmp.write_bytes(b"2" * 6000)
+    os.rename(tmp, path)
+    with pytest.raises(OSError) as e:
+        os.setxattr(path, "user.imagefs.hashes", json.dumps(doc).encode())
+    assert e.value.errno == errno.ESTALE
+    assert os.getxattr(path, "user.imagefs.checksum").decode() == \
+        hashlib.md5(b"2" * 6000).hexdigest()
 
 
 def test_truncate_then_write_keeps_the_prefix(m: Mount, tmp_path: Path) -> None:
