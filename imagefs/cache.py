@@ -13,6 +13,7 @@ called from the trio thread only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -111,6 +112,11 @@ class DiskCache:
         except FileNotFoundError:
             self._forget(rel)
             return None
+        except OSError as e:  # a cache that cannot be read is a miss, never a failed read
+            log.warning("disk cache: cannot read %s (%s); fetching from the store",
+                        self.root / rel, e)
+            self._forget(rel)
+            return None
         data = self._decode(raw, kb)
         if data is None:
             log.warning("disk cache: corrupt block file %s removed", self.root / rel)
@@ -146,7 +152,8 @@ class DiskCache:
                 f.write(data)
             os.replace(tmp, path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             log.warning("disk cache: cannot store block (%s); continuing without it", e)
             return
         size = len(header) + len(kb) + len(data)
@@ -161,7 +168,8 @@ class DiskCache:
 
     def _remove(self, rel: str) -> None:
         self._forget(rel)
-        (self.root / rel).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (self.root / rel).unlink(missing_ok=True)
 
     def _evict(self) -> None:
         while True:
@@ -170,7 +178,8 @@ class DiskCache:
                     return
                 rel, size = self._index.popitem(last=False)
                 self._used -= size
-            (self.root / rel).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (self.root / rel).unlink(missing_ok=True)
 
 
 class BlockCache:

@@ -263,8 +263,13 @@ class ImageFS(pyfuse3.Operations):
             mode &= ~0o222
         a.st_mode = stat.S_IFREG | (mode & 0o7777)
         a.st_nlink = 1 if node.name is not None else 0
-        a.st_size = info.size
+        # The kernel ends page-cache reads at st_size: never below the version an open
+        # page-cache reader holds (the image was replaced by a smaller one elsewhere; that
+        # reader must get its bytes or EIO, not an early EOF).
+        a.st_size = max([info.size] + [o.reader.info.size for o in self._readers_of(node)
+                                       if o.cached and o.reader is not None])
         a.st_blocks = (info.size + 511) // 512
+        node.extra["reported"] = info.version
         for key, field_ in ((META_UID, "st_uid"), (META_GID, "st_gid")):
             if key in info.meta and info.meta[key].isdigit():
                 setattr(a, field_, int(info.meta[key]))
@@ -619,13 +624,17 @@ class ImageFS(pyfuse3.Operations):
             info = await self.catalogs[store.id].stat(node.name, fresh=True)
             assert self.source is not None
             reader = Reader(self.source, store, info, self.settings.readahead)
-            if isinstance(node.writer, Writer) or any(
-                    o.cached and o.reader is not None and o.reader.info.version != info.version
-                    for o in self._readers_of(node)):
-                # The kernel caps page-cache reads at the inode's size, which others move: a
-                # writer (O_TRUNC sets 0, writes extend it) or a reader of an older, smaller
-                # version hitting its end (the kernel then lowers the size for everyone).
-                # Direct reads are not capped, so this reader gets its whole version.
+            if (isinstance(node.writer, Writer)
+                    or node.extra.get("reported") != info.version
+                    or any(o.cached and o.reader is not None
+                           and o.reader.info.version != info.version
+                           for o in self._readers_of(node))):
+                # The kernel caps page-cache reads at the inode's size, which may not be this
+                # version's: it last heard of another version (replaced elsewhere within the
+                # attribute TTL), a writer moves it (O_TRUNC sets 0, writes extend it), or a
+                # reader of an older, smaller version hit its end (the kernel then lowers the
+                # size for everyone). Direct reads are not capped: this reader gets its whole
+                # version.
                 h = Handle(node, store, reader=reader)
                 return pyfuse3.FileInfo(fh=self._add_handle(h), direct_io=True)
             keep = node.cached_version == info.version

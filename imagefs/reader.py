@@ -26,10 +26,11 @@ log = logging.getLogger(__name__)
 class _Pending:
     """A fetch in flight that other readers of the same block wait on."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefetch: bool) -> None:
         self.done = trio.Event()
         self.data: bytes | None = None
         self.error: BaseException | None = None
+        self.prefetch = prefetch
 
 
 class BlockSource:
@@ -49,14 +50,15 @@ class BlockSource:
     def key(self, store: Store, info: ImageInfo, index: int) -> tuple:
         return (store.id, info.name, info.version, self.block_size, index)
 
-    async def block(self, store: Store, info: ImageInfo, index: int) -> bytes:
+    async def block(self, store: Store, info: ImageInfo, index: int,
+                    prefetch: bool = False) -> bytes:
         key = self.key(store, info, index)
         data = self.cache.get_memory(key)
         if data is not None:
             return data
         pending = self._pending.get(key)
         if pending is None:
-            pending = self._pending[key] = _Pending()
+            pending = self._pending[key] = _Pending(prefetch)
             try:
                 pending.data = await self._fetch(store, info, index, key)
             except BaseException as e:
@@ -68,6 +70,8 @@ class BlockSource:
             return pending.data
         await pending.done.wait()
         if pending.error is not None:
+            if pending.prefetch:  # its failure was nobody's read: this read tries itself
+                return await self.block(store, info, index)
             raise BackendError(f"block fetch failed: {pending.error}")
         assert pending.data is not None
         return pending.data
@@ -89,8 +93,12 @@ class BlockSource:
         return data
 
     async def _store_on_disk(self, key: Hashable, data: bytes) -> None:
+        """Best effort, in the mount's nursery: an exception here would end the mount."""
         async with self._disk_writes:
-            await bridge.local(self.cache.put_disk, key, data)
+            try:
+                await bridge.local(self.cache.put_disk, key, data)
+            except Exception as e:
+                log.warning("disk cache: block not stored: %s", e)
 
     def prefetch(self, store: Store, info: ImageInfo, index: int) -> bool:
         """Start fetching a block in the background if a token is free; False when skipped."""
@@ -106,7 +114,7 @@ class BlockSource:
 
     async def _prefetch_one(self, store: Store, info: ImageInfo, index: int) -> None:
         try:
-            await self.block(store, info, index)
+            await self.block(store, info, index, prefetch=True)
         except Exception as e:  # a prefetch failure is retried by the real read, which reports it
             log.debug("prefetch of %s/%s block %d failed: %s", store.id, info.name, index, e)
         finally:
@@ -131,8 +139,12 @@ class Reader:
             return b""
         end = min(offset + size, info.size)
         if self.store.local:
-            return await bridge.call(self.store, self.store.read_range, info.name, info.version,
-                                     offset, end - offset)
+            data = await bridge.call(self.store, self.store.read_range, info.name,
+                                     info.version, offset, end - offset)
+            if len(data) != end - offset:  # cut in place under us: an error, not an early EOF
+                raise BackendError(f"store {self.store.id}: {info.name}: asked {end - offset} "
+                                   f"bytes at {offset}, got {len(data)}")
+            return data
         bs = self.source.block_size
         first, last = offset // bs, (end - 1) // bs
         self._streak = self._streak + 1 if offset == self._next else 0

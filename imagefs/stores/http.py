@@ -153,7 +153,19 @@ class HttpStore(Store):
                    "Accept-Encoding": "identity"}
         if mtime_s and int(mtime_s) > 0:
             headers["If-Unmodified-Since"] = email.utils.formatdate(int(mtime_s), usegmt=True)
-        r = self._request("GET", self._image_url(name), headers)
+        # Streamed: status and Content-Range are checked before any body is read, so a server
+        # that ignores Range (200 with the whole image) costs one connection, not the image
+        # in memory.
+        r = self._request("GET", self._image_url(name), headers, preload=False)
+        try:
+            return self._ranged_body(r, name, offset, length, size_s)
+        finally:
+            if r.status == 206 and r.isclosed():
+                r.release_conn()
+            else:
+                r.close()
+
+    def _ranged_body(self, r: Any, name: str, offset: int, length: int, size_s: str) -> bytes:
         if r.status == 404:
             raise NotFound(f"{self.id}/{name}")
         if r.status == 412:
@@ -169,9 +181,15 @@ class HttpStore(Store):
                                f"{r.headers.get('Content-Range')!r}")
         if m.group(3) != "*" and size_s and int(m.group(3)) != int(size_s):
             raise Changed(f"{self.id}/{name}: size changed on the server since it was opened")
-        data = r.data
         expected = int(m.group(2)) - offset + 1
-        if len(data) != expected or expected > length:
+        if expected > length:
+            raise BackendError(f"store {self.id}: GET {name}: asked {length} bytes, "
+                               f"Content-Range says {expected}")
+        try:
+            data = r.read(expected + 1)
+        except self._urllib3.exceptions.HTTPError as e:
+            raise BackendError(f"store {self.id}: GET {name}: {e}", retryable=True) from None
+        if len(data) != expected:
             raise BackendError(f"store {self.id}: GET {name}: got {len(data)} bytes, "
                                f"Content-Range says {expected}")
         return data

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import datetime
 import hashlib
 import logging
 import re
@@ -86,6 +87,8 @@ PARTS_PER_TIER = 1_000  # part size doubles after each tier of this many parts
 UPLOAD_TAG = HIDDEN_PREFIX + "up-"
 
 _RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+#: How old a LastModified must be before a listing trusts what it HEADed then (clock skew).
+_SETTLE = datetime.timedelta(seconds=5)
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
@@ -531,7 +534,8 @@ class S3Store(Store):
 
     def list(self) -> Iterator[ImageInfo]:
         """Listings carry no metadata, so each entry is HEADed, in parallel, and remembered by
-        (ETag, LastModified, Size): a metadata change rewrites the object and changes the key."""
+        (ETag, LastModified, Size): a metadata change rewrites the object and changes the key
+        (once its LastModified, in whole seconds, is old enough to tell)."""
         assert self._pool is not None
         heads = self._heads  # another listing may replace it meanwhile
         seen: dict[str, tuple[tuple[Any, ...], ImageInfo]] = {}
@@ -541,11 +545,15 @@ class S3Store(Store):
             known = {n: heads[n][1] for n, k in batch if n in heads and heads[n][0] == k}
             futs = {n: self._pool.submit(self._head_quietly, n)  # type: ignore[union-attr]
                     for n, _ in batch if n not in known}
+            # LastModified has whole seconds: a metadata copy in the same second as the HEAD
+            # keeps the key, so what was HEADed that close to it is not remembered.
+            settled = datetime.datetime.now(datetime.UTC) - _SETTLE
             for n, k in batch:
                 info = (futs[n].result(timeout=self.part_deadline) if n in futs
                         else known[n])
                 if info is not None:
-                    seen[n] = (k, info)
+                    if n in known or (k[1] is not None and k[1] < settled):
+                        seen[n] = (k, info)
                     yield info
             batch.clear()
 

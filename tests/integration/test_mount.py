@@ -79,6 +79,47 @@ def test_http_replaced_while_open_never_mixes(http_mount: tuple[Mount, Path]) ->
             assert rest != new[5 * MiB:6 * MiB]
 
 
+def test_http_server_ignoring_ranges_gives_eio_without_loading_the_image(
+        mount_factory: Any, tmp_path: Path) -> None:
+    """A server (or proxy) that answers a ranged GET with 200 and the whole image: EIO and
+    a log line, and the daemon does not read the body into memory."""
+    import socket
+
+    served = tmp_path / "served"
+    served.mkdir()
+    with open(served / "big.raw", "wb") as f:
+        f.truncate(256 * MiB)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = subprocess.Popen([sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port),
+                            "-d", str(served)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            with socket.socket() as c:
+                if c.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        m = mount_factory({"plain": {"type": "http", "url": f"http://127.0.0.1:{port}/",
+                                     "images": ["big.raw"]}})
+        assert os.stat(m.path("plain", "big.raw")).st_size == 256 * MiB
+        rss_before = _rss(daemon_pid(m))
+        expect_errno(errno.EIO, lambda: open(m.path("plain", "big.raw"), "rb").read(4096))
+        assert _rss(daemon_pid(m)) - rss_before < 64 * MiB
+        assert "expected 206" in m.log_text()
+    finally:
+        srv.terminate()
+        srv.wait(timeout=30)
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def test_http_explicit_image_list_and_qemu_info_reads_little(
         mount_factory: Any, nginx: Any, tmp_path: Path) -> None:
     tool("qemu-img")

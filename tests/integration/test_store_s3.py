@@ -71,6 +71,21 @@ def test_two_s3_stores_and_file_store_copies(mount_factory: Any, ceph: Any, s3_b
     assert ceph.s3_secret_key not in m.log_text()
 
 
+def test_metadata_change_in_the_same_second_shows_in_listings(
+        mount_factory: Any, ceph: Any, s3_bucket: str, tmp_path: Path) -> None:
+    """A metadata copy keeps the ETag and, within the second, LastModified: a listing must
+    not keep serving what it HEADed before the change."""
+    m = mount_factory({"s": s3_table(ceph, s3_bucket, tmp_path)}, metadata_ttl=0.5)
+    for i in range(3):
+        p = m.path("s", f"m{i}.raw")
+        p.write_bytes(b"m" * 1000)
+        os.listdir(m.path("s"))  # a listing HEADs it
+        os.chmod(p, 0o600)
+        time.sleep(1.0)  # past the metadata TTL
+        listed = {e.name: e.stat().st_mode & 0o777 for e in os.scandir(m.path("s"))}
+        assert listed[f"m{i}.raw"] == 0o600, listed
+
+
 @pytest.mark.parametrize("threshold", ["5GiB", "5MiB"], ids=["copy", "multipart-copy"])
 def test_rename_is_server_side_copy(mount_factory: Any, ceph: Any, s3_bucket: str,
                                     tmp_path: Path, threshold: str) -> None:

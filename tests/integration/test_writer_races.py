@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +262,38 @@ def test_a_new_rewrite_is_not_tied_to_a_failed_one(mount_factory: Any,
         holder.communicate("go\n", timeout=60)
     assert holder.returncode != 0  # its close reports the lost bytes
     assert p.read_bytes() == b"B" * 5000
+
+
+def _replace_in_store(d: Path, name: str, data: bytes) -> None:
+    """As another host sharing the store would: a new file renamed over the image."""
+    (d / f".other-{name}").write_bytes(data)
+    os.rename(d / f".other-{name}", d / name)
+
+
+def test_image_replaced_elsewhere_is_read_whole_or_not_at_all(mount_factory: Any,
+                                                              tmp_path: Path) -> None:
+    """The kernel's idea of the size comes from the last stat. A reader pinned to a bigger
+    version replaced elsewhere must still read all of it; a reader of a version replaced by a
+    smaller one gets its bytes or EIO, never an early clean EOF."""
+    m, d = _store(mount_factory, tmp_path)
+    small, big = os.urandom(MiB), os.urandom(4 * MiB)
+    _replace_in_store(d, "a.img", small)
+    assert os.stat(m.path("a", "a.img")).st_size == MiB  # the kernel now holds 1 MiB
+    _replace_in_store(d, "a.img", big)
+    r = subprocess.run(["cat", str(m.path("a", "a.img"))], capture_output=True, check=True)
+    assert r.stdout == big
+
+    eight = os.urandom(8 * MiB)
+    _replace_in_store(d, "b.img", eight)
+    with open(m.path("a", "b.img"), "rb", buffering=0) as f:
+        assert f.read(MiB) == eight[:MiB]
+        _replace_in_store(d, "b.img", small)
+        time.sleep(3)  # past the metadata TTL: the kernel asks for the size again
+        os.stat(m.path("a", "b.img"))
+        f.seek(4 * MiB)
+        try:
+            got = f.read(MiB)
+        except OSError as e:
+            assert e.errno == errno.EIO
+        else:
+            assert got == eight[4 * MiB:5 * MiB], len(got)
