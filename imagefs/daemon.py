@@ -120,7 +120,14 @@ def open_stores(config: Config, degraded: bool) -> list[Store]:
 
     def open_one(store: Store) -> None:
         store.open()
-        n = store.cleanup_leftovers()
+        try:
+            n = store.cleanup_leftovers()
+        except Exception as e:
+            # Leftovers are hidden and harmless; credentials that may not list or abort
+            # uploads, or one undeletable leftover, must not keep the images unreachable.
+            log.warning("store %s: leftovers of a crash not cleaned (%s); the next mount "
+                        "tries again", store.id, e)
+            return
         if n:
             log.info("store %s: removed %d upload(s) left by a crash", store.id, n)
 

@@ -326,6 +326,27 @@ def test_daemon_crash_keeps_published_image_and_remount_cleans(
     assert m.path("s", "img.raw").read_bytes() == b"published" * 1000
 
 
+def test_leftover_that_cannot_be_removed_does_not_stop_the_mount(
+        mount_factory: Any, file_store_table: dict[str, Any]) -> None:
+    """Clean-up of crash leftovers is best effort: one it cannot remove (or credentials that
+    may not list uploads) is a warning, and the images stay reachable."""
+    d = Path(file_store_table["path"])
+    (d / "img.raw").write_bytes(b"i" * 1000)
+    dead = next(p for p in range(4_000_000, 4_100_000) if not os.path.exists(f"/proc/{p}"))
+    leftover = d / f".imagefs-{dead}-stuck"
+    leftover.write_bytes(b"half")
+    subprocess.run(["chattr", "+i", str(leftover)], check=True)
+    try:
+        m = mount_factory({"s": file_store_table})
+        assert m.path("s", "img.raw").read_bytes() == b"i" * 1000
+        assert "leftovers of a crash not cleaned" in m.log_text()
+    finally:
+        subprocess.run(["chattr", "-i", str(leftover)], check=True)
+    m2 = mount_factory({"s": file_store_table})
+    assert os.listdir(m2.path("s")) == ["img.raw"]
+    assert not leftover.exists()
+
+
 def test_full_store_gives_enospc_and_publishes_nothing(mount_factory: Any, tmp_path: Path
                                                       ) -> None:
     """A write that fails (here: the store's filesystem is full) poisons the pending image:
