@@ -116,17 +116,27 @@ class Handle:
     cached: bool = False
 
 
+def _proc_field(path: str, key: str) -> str | None:
+    """The value of ``key:`` in a /proc file of ``key:\tvalue`` lines (status, fdinfo)."""
+    with open(path) as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return line.split()[1]
+    return None
+
+
 def process_of(tid: int) -> int:
     """The process (thread group) of thread ``tid``: FUSE names the calling thread, which may
     have ended by the time its file is closed, while the process goes on."""
     try:
-        with open(f"/proc/{tid}/status") as f:
-            for line in f:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
+        return int(_proc_field(f"/proc/{tid}/status", "Tgid") or tid)
     except (OSError, ValueError):
-        pass
-    return tid
+        return tid
+
+
+async def caller_process(ctx: Any) -> int:
+    """The process making a FUSE request (read from /proc off the trio thread)."""
+    return await bridge.local(process_of, ctx.pid)
 
 
 def still_open_by(pid: int, path: str) -> bool:
@@ -153,11 +163,8 @@ def still_open_by(pid: int, path: str) -> bool:
 def _writable_fd(pid: int, fd: str) -> bool:
     """Only descriptors open for writing count: a reader of the same image in the writing
     process must not hold back the publish its close should report on."""
-    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("flags:"):
-                return int(line.split()[1], 8) & os.O_ACCMODE != os.O_RDONLY
-    return True
+    flags = _proc_field(f"/proc/{pid}/fdinfo/{fd}", "flags")
+    return flags is None or int(flags, 8) & os.O_ACCMODE != os.O_RDONLY
 
 
 _PF_EXITING = 0x4
@@ -266,10 +273,9 @@ class ImageFS(pyfuse3.Operations):
         # The kernel ends page-cache reads at st_size: never below the version an open
         # page-cache reader holds (the image was replaced by a smaller one elsewhere; that
         # reader must get its bytes or EIO, not an early EOF).
-        a.st_size = max([info.size] + [o.reader.info.size for o in self._readers_of(node)
-                                       if o.cached and o.reader is not None])
+        a.st_size = max([info.size, *self._cached_sizes(node)])
         a.st_blocks = (info.size + 511) // 512
-        node.extra["reported"] = info.version
+        node.reported_version = info.version
         for key, field_ in ((META_UID, "st_uid"), (META_GID, "st_gid")):
             if key in info.meta and info.meta[key].isdigit():
                 setattr(a, field_, int(info.meta[key]))
@@ -317,7 +323,7 @@ class ImageFS(pyfuse3.Operations):
         w = node.writer
         if (isinstance(w, Writer) and node.name is not None
                 and (w.existed or w.published is not None)
-                and (w.doomed or self._readers_of(node))):
+                and (w.doomed or node.readers)):
             # A published image is behind the name while new bytes are pending, and someone
             # reads it: readers take the size from stat (qemu) and the kernel ends their reads
             # there, so it never drops below the published size; a growing writer's shows.
@@ -366,7 +372,7 @@ class ImageFS(pyfuse3.Operations):
             # except the writing process itself (stat, rename or unlink of its own new file).
             w = node.writer
             assert isinstance(w, Writer)
-            if ctx is not None and process_of(ctx.pid) in self._writer_pids(w):
+            if ctx is not None and await caller_process(ctx) in self._writer_pids(w):
                 self.inodes.looked_up(node)
                 return self._writer_attr(node, w)
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -390,12 +396,12 @@ class ImageFS(pyfuse3.Operations):
             return None
         if w.private:
             raise pyfuse3.FUSEError(errno.EBUSY)  # truncate(2) in progress
-        if w.poisoned is not None or w.cancelled:
-            return None
-        return w
+        return None if w.lost else w
 
-    def _readers_of(self, node: Node) -> list[Handle]:
-        return [o for o in self._handles.values() if o.node is node and o.reader is not None]
+    @staticmethod
+    def _cached_sizes(node: Node) -> list[int]:
+        """Sizes of the versions ``node``'s page-cache readers hold."""
+        return [h.reader.info.size for h in node.readers if h.cached]
 
     def _refuse_shrink_under_readers(self, node: Node, size: int, what: str) -> None:
         """ETXTBSY for making an image smaller than a version its page-cache readers read.
@@ -403,9 +409,7 @@ class ImageFS(pyfuse3.Operations):
         The kernel takes the new size at once (O_TRUNC: 0) and stops those readers there: they
         would see the end of the image and copy it short, without an error. Replacing with a
         new file renamed over the old (rsync's way) is safe: readers keep their version."""
-        sizes = [o.reader.info.size for o in self._readers_of(node)
-                 if o.cached and o.reader is not None]
-        if sizes and size < max(sizes):
+        if size < max(self._cached_sizes(node), default=0):
             log.warning("%s/%s: %s refused (ETXTBSY): the image is open for reading; write a "
                         "new file and rename it over instead", node.store_id, node.name, what)
             raise pyfuse3.FUSEError(errno.ETXTBSY)
@@ -481,13 +485,7 @@ class ImageFS(pyfuse3.Operations):
                     w.mtime = attr.st_mtime_ns / 1e9
                 w.owner.update(owner)
             elif node.name is not None:
-                # S3 rewrites metadata by copying the object: as long as a commit may take.
-                info = await bridge.call(store, store.set_meta, node.name, meta,
-                                         timeout=self._copy_timeout(store, node))
-                self.catalogs[store.id].put(info)
-                node.extra["info"] = info
-                if w is not None:
-                    w.base = info
+                await self._set_meta(node, store, meta)
         return await self._attr_of(node)
 
     def _set_dir_attr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: Any
@@ -502,6 +500,20 @@ class ImageFS(pyfuse3.Operations):
         if fields.update_mode:
             over["mode"] = attr.st_mode & 0o7777
         return self._dir_attr(inode, self.stores[self.inodes.ino_store[inode]])
+
+    async def _set_meta(self, node: Node, store: Store, meta: Mapping[str, str],
+                        expect: str | None = None) -> None:
+        """Change a published image's metadata; an idle writer then starts from the result
+        (S3 changes metadata by a copy: a new version)."""
+        assert node.name is not None
+        # S3 rewrites metadata by copying the object: as long as a commit may take.
+        info = await bridge.call(store, store.set_meta, node.name, meta, expect,
+                                 timeout=self._copy_timeout(store, node))
+        self.catalogs[store.id].put(info)
+        node.extra["info"] = info
+        w = node.writer
+        if isinstance(w, Writer) and not w.dirty and w.base is not None:
+            w.base = info
 
     def _copy_timeout(self, store: Store, node: Node) -> float:
         """set_meta may copy the whole image (S3): as long as publishing its size may take."""
@@ -597,6 +609,8 @@ class ImageFS(pyfuse3.Operations):
         self._next_fh += 1
         self._handles[fh] = h
         h.node.opens += 1
+        if h.reader is not None:
+            h.node.readers.append(h)
         return fh
 
     def _image_store(self, parent_inode: int, name: bytes) -> tuple[Store, str]:
@@ -625,10 +639,9 @@ class ImageFS(pyfuse3.Operations):
             assert self.source is not None
             reader = Reader(self.source, store, info, self.settings.readahead)
             if (isinstance(node.writer, Writer)
-                    or node.extra.get("reported") != info.version
-                    or any(o.cached and o.reader is not None
-                           and o.reader.info.version != info.version
-                           for o in self._readers_of(node))):
+                    or node.reported_version != info.version
+                    or any(o.cached and o.reader.info.version != info.version
+                           for o in node.readers)):
                 # The kernel caps page-cache reads at the inode's size, which may not be this
                 # version's: it last heard of another version (replaced elsewhere within the
                 # attribute TTL), a writer moves it (O_TRUNC sets 0, writes extend it), or a
@@ -661,7 +674,7 @@ class ImageFS(pyfuse3.Operations):
         elif flags & os.O_TRUNC:
             await w.truncate(0)
         node.cached_version = None
-        h = Handle(node, store, writer=w, pid=process_of(ctx.pid))
+        h = Handle(node, store, writer=w, pid=await caller_process(ctx))
         return self._write_info(self._add_handle(h))
 
     @staticmethod
@@ -695,7 +708,7 @@ class ImageFS(pyfuse3.Operations):
             w = self._new_writer(store, text, None, stat.S_IFREG | (mode & 0o7777))
             node.writer = w
         self.inodes.looked_up(node)
-        fh = self._add_handle(Handle(node, store, writer=w, pid=process_of(ctx.pid)))
+        fh = self._add_handle(Handle(node, store, writer=w, pid=await caller_process(ctx)))
         node.cached_version = None
         return self._write_info(fh), self._writer_attr(node, w)
 
@@ -789,6 +802,8 @@ class ImageFS(pyfuse3.Operations):
         if h is None:
             return
         node = h.node
+        if h.reader is not None:
+            node.readers.remove(h)
         w = h.writer
         still_open = any(o.writer is w for o in self._handles.values()) if w else False
         if w is not None and not still_open:
@@ -843,7 +858,7 @@ class ImageFS(pyfuse3.Operations):
         w = node.writer if node is not None and isinstance(node.writer, Writer) else None
         if w is not None and w.dirty:
             writers = self._writer_pids(w)
-            if process_of(ctx.pid) not in writers:
+            if await caller_process(ctx) not in writers:
                 # Only the writer knows when its bytes are complete (write, fsync, rename,
                 # close); anyone else would publish a half-written image under the new name.
                 log.warning("%s/%s: rename refused (EBUSY): still being written by pid %s",
@@ -934,18 +949,12 @@ class ImageFS(pyfuse3.Operations):
                 log.warning("%s/%s: user.imagefs.hashes refused: %s", store.id, node.name, e)
                 raise pyfuse3.FUSEError(errno.EINVAL) from None
         try:
-            info = await bridge.call(store, store.set_meta, node.name, meta, version,
-                                     timeout=self._copy_timeout(store, node))
+            await self._set_meta(node, store, meta, version)
         except Changed as e:
             self.catalogs[store.id].forget(node.name)
             log.warning("%s/%s: hashes not stored: they were computed from version %s (%s)",
                         store.id, node.name, version, e)
             raise pyfuse3.FUSEError(errno.ESTALE) from None
-        self.catalogs[store.id].put(info)
-        node.extra["info"] = info
-        w = node.writer if isinstance(node.writer, Writer) else None
-        if w is not None and w.base is not None and not w.dirty:
-            w.base = info  # S3 changes metadata by a copy: a new version to start from
 
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         raise pyfuse3.FUSEError(errno.EOPNOTSUPP)

@@ -24,6 +24,10 @@ class Node:
     opens: int = 0
     #: Version whose pages the kernel may still cache (FOPEN_KEEP_CACHE when unchanged).
     cached_version: str | None = None
+    #: Version whose attributes (size) the kernel was last given.
+    reported_version: str | None = None
+    #: Open read handles (fs.Handle), so attribute replies need not scan every handle.
+    readers: list = field(default_factory=list)
     writer: object | None = None
     extra: dict = field(default_factory=dict)
 

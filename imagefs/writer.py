@@ -211,12 +211,17 @@ class Writer:
 
     # ---------------------------------------------------------------- operations
     @property
+    def lost(self) -> bool:
+        """The pending bytes are gone or unknown (a write or a direct publish failed, or the
+        writer cancelled): no later write can make them whole again."""
+        return self.cancelled or self.poisoned is not None
+
+    @property
     def doomed(self) -> bool:
-        """These pending bytes will never be published (a write or the publish failed, or the
-        writer cancelled): stat must show the published image, not them. The kernel sends
-        release after close() has returned, so a reader may ask before the writer is gone."""
-        return (self.cancelled or self.poisoned is not None
-                or (self.dirty and self.publish_error is not None))
+        """These pending bytes will never be published (``lost``, or the publish failed):
+        stat must show the published image, not them. The kernel sends release after close()
+        has returned, so a reader may ask before the writer is gone."""
+        return self.lost or (self.dirty and self.publish_error is not None)
 
     def _not_cancelled(self) -> None:
         if self.cancelled:
@@ -284,10 +289,9 @@ class Writer:
     async def read(self, offset: int, size: int) -> bytes:
         """What this handle wrote (or the seeded bytes), for O_RDWR users such as qemu-img."""
         async with self._lock:
-            self._not_cancelled()
-            if self.poisoned is not None:
-                raise BackendError(f"{self.store.id}/{self.name}: pending bytes unknown after a "
-                                   f"failure ({self.poisoned})")
+            if self.lost:
+                raise BackendError(f"{self.store.id}/{self.name}: pending bytes discarded or "
+                                   f"unknown after a failure ({self.poisoned})")
             if not self._seeded and self.base is not None:
                 return await bridge.call(self.store, self.store.read_range, self.base.name,
                                          self.base.version, offset,
