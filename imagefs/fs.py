@@ -396,7 +396,20 @@ class ImageFS(pyfuse3.Operations):
             return None
         if w.private:
             raise pyfuse3.FUSEError(errno.EBUSY)  # truncate(2) in progress
+        assert not w.closing, "callers wait for a closing writer first (_settled_writer)"
         return None if w.lost else w
+
+    @staticmethod
+    async def _settled_writer(node: Node) -> Writer | None:
+        """``node``'s writer once no release is under way on it.
+
+        The last close of a writer publishes, then discards its spool or upload; a handle
+        joining it meanwhile would write into a discarded spool and publish zeros (fsx -c,
+        qemu-img reopening a file). Whoever would join, change or replace ``node``'s writer
+        waits here, then starts from what that release published."""
+        while isinstance(node.writer, Writer) and node.writer.closing:
+            await node.writer.closed.wait()
+        return node.writer if isinstance(node.writer, Writer) else None
 
     @staticmethod
     def _cached_sizes(node: Node) -> list[int]:
@@ -464,7 +477,9 @@ class ImageFS(pyfuse3.Operations):
         changing = fields.update_size or fields.update_mode or fields.update_mtime or owner
         if changing and self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
-        w = node.writer if isinstance(node.writer, Writer) else None
+        own = self._handles.get(fh) if fh is not None else None
+        w = own.writer if own is not None and own.writer is not None else \
+            await self._settled_writer(node)
         if fields.update_size:
             self._refuse_shrink_under_readers(node, attr.st_size, "truncate")
             if w is None:
@@ -522,9 +537,13 @@ class ImageFS(pyfuse3.Operations):
 
     async def _truncate_published(self, node: Node, store: Store, size: int) -> None:
         """truncate(2) on a path: a new version with the old bytes up to ``size``."""
-        if node.name is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        info = await self.catalogs[store.id].stat(node.name)
+        while True:
+            await self._settled_writer(node)
+            if node.name is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            info = await self.catalogs[store.id].stat(node.name)
+            if not (isinstance(node.writer, Writer) and node.writer.closing):
+                break
         if isinstance(node.writer, Writer):  # opened for writing meanwhile: its truncate
             self._refuse_shrink_under_readers(node, size, "truncate")
             await node.writer.truncate(size)
@@ -656,26 +675,44 @@ class ImageFS(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._add_handle(h), keep_cache=keep)
         if self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
-        if node.name is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        w = self._joinable_writer(node)
-        if w is None:
-            info = await self.catalogs[store.id].stat(node.name)
+        pid = await caller_process(ctx)
+        while True:
+            await self._settled_writer(node)
+            if node.name is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
             w = self._joinable_writer(node)
+            if w is not None:
+                break
+            info = await self.catalogs[store.id].stat(node.name)
+            if not (isinstance(node.writer, Writer) and node.writer.closing):
+                w = self._joinable_writer(node)
+                break
+        # No await from here until the handle is added: a release starting meanwhile would
+        # not count this handle, and a reader opening meanwhile must see the writer (and read
+        # uncapped, see open for reading).
         if flags & os.O_TRUNC:
-            # No await between this check and the writer taking the node: a reader opening
-            # meanwhile sees the writer and reads uncapped (see open for reading).
             self._refuse_shrink_under_readers(node, 0, "open with O_TRUNC")
+        joined = w is not None
         if w is None:
             truncate = bool(flags & os.O_TRUNC)
             w = self._new_writer(store, node.name, None if truncate else info, info.mode,
                                  existed=True)
             node.writer = w
-        elif flags & os.O_TRUNC:
-            await w.truncate(0)
         node.cached_version = None
-        h = Handle(node, store, writer=w, pid=await caller_process(ctx))
-        return self._write_info(self._add_handle(h))
+        fh = self._add_handle(Handle(node, store, writer=w, pid=pid))
+        if joined and flags & os.O_TRUNC:
+            await self._truncate_or_release(fh, w)
+        return self._write_info(fh)
+
+    async def _truncate_or_release(self, fh: int, w: Writer) -> None:
+        """O_TRUNC on a writer other handles share; if it fails, the open fails and its
+        handle, which the kernel will never release, is released here."""
+        try:
+            await w.truncate(0)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.release(fh)
+            raise
 
     @staticmethod
     def _write_info(fh: int) -> pyfuse3.FileInfo:
@@ -690,26 +727,39 @@ class ImageFS(pyfuse3.Operations):
         if self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.inodes.get(store.id, text)
-        existing = self._joinable_writer(node)
+        pid = await caller_process(ctx)
+        while True:
+            await self._settled_writer(node)
+            existing = self._joinable_writer(node)
+            if existing is not None or not flags & os.O_EXCL:
+                break
+            try:
+                await bridge.call(store, store.stat, text)
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            except NotFound:
+                pass
+            if not (isinstance(node.writer, Writer) and node.writer.closing):
+                existing = self._joinable_writer(node)
+                break
+        # No await until the handle is added (see open).
         if existing is not None:
             if flags & os.O_EXCL:
                 raise pyfuse3.FUSEError(errno.EEXIST)
             w = existing
             if flags & os.O_TRUNC:
                 self._refuse_shrink_under_readers(node, 0, "create with O_TRUNC")
-                await w.truncate(0)
         else:
-            if flags & os.O_EXCL:
-                try:
-                    await bridge.call(store, store.stat, text)
-                    raise pyfuse3.FUSEError(errno.EEXIST)
-                except NotFound:
-                    pass
             w = self._new_writer(store, text, None, stat.S_IFREG | (mode & 0o7777))
             node.writer = w
         self.inodes.looked_up(node)
-        fh = self._add_handle(Handle(node, store, writer=w, pid=await caller_process(ctx)))
+        fh = self._add_handle(Handle(node, store, writer=w, pid=pid))
         node.cached_version = None
+        if existing is not None and flags & os.O_TRUNC:
+            try:
+                await self._truncate_or_release(fh, w)
+            except BaseException:
+                self.inodes.forget(node.ino, 1)
+                raise
         return self._write_info(fh), self._writer_attr(node, w)
 
     # ------------------------------------------------------------------ data
@@ -807,20 +857,30 @@ class ImageFS(pyfuse3.Operations):
         w = h.writer
         still_open = any(o.writer is w for o in self._handles.values()) if w else False
         if w is not None and not still_open:
-            await self._writer_killed(h)
-            if w.dirty and node.name is not None and w.publish_error is None:
-                try:
-                    await self._publish(h)
-                except Exception:
-                    log.error("%s/%s: last close could not publish; the new bytes are discarded",
-                              h.store.id, w.name)
-            elif w.dirty and node.name is not None:
-                log.error("%s/%s: publish failed at flush (%s); the new bytes are discarded",
-                          h.store.id, w.name, w.publish_error)
-            await w.discard()
-            if node.writer is w:
-                node.writer = None
+            w.closing = True  # before any await: from now on nobody joins w
+            try:
+                await self._release_writer(h, w)
+            finally:
+                if node.writer is w:
+                    node.writer = None
+                w.closed.set()
         self.inodes.closed(node)
+
+    async def _release_writer(self, h: Handle, w: Writer) -> None:
+        """The last close of ``w``: publish what it holds (unless its process was killed or
+        an earlier publish failed), then drop its spool or upload."""
+        node = h.node
+        await self._writer_killed(h)
+        if w.dirty and node.name is not None and w.publish_error is None:
+            try:
+                await self._publish(h)
+            except Exception:
+                log.error("%s/%s: last close could not publish; the new bytes are discarded",
+                          h.store.id, w.name)
+        elif w.dirty and node.name is not None:
+            log.error("%s/%s: publish failed at flush (%s); the new bytes are discarded",
+                      h.store.id, w.name, w.publish_error)
+        await w.discard()
 
     # ------------------------------------------------------------------ namespace changes
     @fuse_errors
@@ -855,7 +915,7 @@ class ImageFS(pyfuse3.Operations):
             except NotFound:
                 pass
         node = self.inodes.find(store.id, old)
-        w = node.writer if node is not None and isinstance(node.writer, Writer) else None
+        w = await self._settled_writer(node) if node is not None else None
         if w is not None and w.dirty:
             writers = self._writer_pids(w)
             if await caller_process(ctx) not in writers:

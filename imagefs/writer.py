@@ -125,6 +125,11 @@ class Writer:
         self.cancelled = False
         #: Made for one operation (truncate(2) on a path): no handle may join it.
         self.private = False
+        #: The last handle's release has begun (publish, then discard): no handle may join
+        #: this writer any more, its bytes are being published or dropped. An open arriving
+        #: meanwhile waits for ``closed`` and starts from what the release published.
+        self.closing = False
+        self.closed = trio.Event()
         self.direct = "random_write" in store.capabilities
         self._seeded = base is None
         self._lock = trio.Lock()
@@ -393,7 +398,17 @@ class Writer:
             return
         self._trimmed = end
 
+    async def _stop_stream(self) -> None:
+        """Stop the streaming task and wait until it has ended: a chunk still in flight would
+        otherwise fail against an aborted upload later and set ``_stream_error`` after it was
+        cleared (a later fsync would report a failure that did not happen)."""
+        self._sequential = False
+        self._wake.set()
+        if self._stream_running:
+            await self._stream_done.wait()
+
     async def _drop_stream(self) -> None:
+        await self._stop_stream()
         up, self._stream_upload = self._stream_upload, None
         self._streamed = 0
         if up is not None:
@@ -550,10 +565,7 @@ class Writer:
     async def discard(self) -> None:
         """Throw away everything unpublished (release without publish, unmount)."""
         async with self._lock:
-            self._sequential = False
-            self._wake.set()
-            if self._stream_running:
-                await self._stream_done.wait()
+            await self._stop_stream()
             for up in (self._upload, self._stream_upload):
                 if up is not None:
                     await self._abort_quietly(up)
