@@ -214,6 +214,14 @@ def _meta_headers(meta: Mapping[str, str]) -> dict[str, str]:
 _SERVER_META = frozenset({"static_large_object"})
 
 
+def _kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """What a metadata POST must send back besides user metadata so the object stays what it
+    is: a DLO's ``X-Object-Manifest`` (Glance's large images). Swift drops it on a POST
+    without it, which leaves a 0-byte object and orphans the segments."""
+    manifest = headers.get("x-object-manifest")
+    return {"X-Object-Manifest": manifest} if manifest else {}
+
+
 def _meta_of(headers: Mapping[str, str], keep_server: bool = False) -> dict[str, str]:
     """User metadata from headers; ``keep_server`` keeps the server's own flags, which a POST
     (it replaces all user metadata) must send back: RGW forgets an SLO flag left out."""
@@ -1573,7 +1581,7 @@ class SwiftStore(Store):
         merged = {**current, **{k: v for k, v in user_meta(meta).items()
                                 if not k.startswith("imagefs_")}}
         self._call(f"{name}: POST", "post_object", self.container, name,
-                   headers=_meta_headers(merged), write=True)
+                   headers={**_meta_headers(merged), **_kept_headers(h)}, write=True)
         self._forget(name)
         # The POST is unconditional: if the image was replaced since the HEAD, it just gave the
         # new image the old one's size, ETag and segments. A full HEAD tells the real ones.
@@ -1590,7 +1598,7 @@ class SwiftStore(Store):
             asked = {k: v for k, v in user_meta(meta).items() if not k.startswith("imagefs_")}
             merged = {**own, **asked} if expect is None else own
             self._call(f"{name}: POST", "post_object", self.container, name,
-                       headers=_meta_headers(merged), write=True)
+                       headers={**_meta_headers(merged), **_kept_headers(h2)}, write=True)
             if expect is not None:
                 raise Changed(f"{self.id}/{name} was replaced while its metadata was set")
             info = real[0]

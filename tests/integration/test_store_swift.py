@@ -351,6 +351,47 @@ def test_set_meta_merges_and_keeps_the_version(
     assert_clean(table)  # the manifest still names its segments after the POSTs
 
 
+def put_glance_dlo(table: dict[str, Any], image_id: str, data: bytes, seg: int) -> None:
+    """An image as glance_store's Swift driver writes one above its large-object size: a DLO,
+    segments ``<id>-00001``... in the same container, a 0-byte manifest naming the prefix."""
+    conn = raw(table)
+    try:
+        for i, off in enumerate(range(0, len(data), seg), start=1):
+            conn.put_object(table["container"], f"{image_id}-{i:05d}", data[off:off + seg])
+        conn.put_object(table["container"], image_id, b"",
+                        headers={"X-Object-Manifest": f"{table['container']}/{image_id}-"})
+    finally:
+        conn.close()
+
+
+def test_metadata_changes_keep_a_glance_dlo_whole(table: dict[str, Any],
+                                                  mount_factory: Any) -> None:
+    """chmod, touch and ``imagefs hash`` POST metadata; Swift drops X-Object-Manifest from a
+    POST without it, which turned Glance's DLO images into 0-byte objects."""
+    image_id = "6f1a2c3e-0d4b-4b8e-9d2a-1c5e7f9a0b11"
+    data = pattern(5 * MiB + 123, "dlo")
+    m = mount_factory({"s": table})  # creates the container
+    put_glance_dlo(table, image_id, data, 2 * MiB)
+    path = m.path("s", image_id)
+    assert path.stat().st_size == len(data)
+    os.chmod(path, 0o600)
+    os.utime(path, (1_600_000_000, 1_600_000_000))
+    r = subprocess.run([*IMAGEFS, "hash", str(path)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    conn = raw(table)
+    try:
+        h, body = conn.get_object(table["container"], image_id)
+    finally:
+        conn.close()
+    assert body == data, "the manifest lost its segments"
+    assert h["x-object-manifest"] == f"{table['container']}/{image_id}-"
+    assert h["x-object-meta-os-hash-value"] == hashlib.sha512(data).hexdigest()
+    st = path.stat()
+    assert (st.st_mode & 0o777, st.st_mtime, st.st_size) == (0o600, 1_600_000_000, len(data))
+    assert path.read_bytes() == data
+
+
 # ------------------------------------------------------------------------------- review fixes
 # Faults are injected by wrapping ``store._call`` of a store built from config: the backend
 # stays real, only the client's view of one request is changed.
