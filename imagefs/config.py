@@ -131,6 +131,10 @@ class CacheConfig:
 @dataclass(frozen=True)
 class HashConfig:
     algo: str = "sha512"
+    #: Hashing a close may do beyond what streamed through in order (see writer.py).
+    inline_max: int = 64 << 20
+    #: Largest image hashed in the background after a close that left it unhashed.
+    background_max: int = 64 << 30
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,9 @@ class Config:
     hash: HashConfig
     stores: tuple[StoreConfig, ...]
     metadata_ttl: float = 2.0
+    #: Seconds SIGTERM/SIGINT waits for requests in flight (uploads being published) before
+    #: they are aborted; a second signal aborts at once. Nothing partial is ever published.
+    stop_timeout: float = 30.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -243,10 +250,15 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(data: Mapping[str, Any], p: Path) -> Config:
     """Validate an already-parsed TOML document (also used for the embedded demo config)."""
     c = _Checker(p)
-    top = {"cache": None, "hash": None, "stores": None, "metadata_ttl": None}
+    top = {"cache": None, "hash": None, "mount": None, "stores": None, "metadata_ttl": None}
     unknown = sorted(set(data) - set(top))
     if unknown:
-        raise c.fail(unknown[0], "unknown key (known keys: cache, hash, metadata_ttl, stores)")
+        raise c.fail(unknown[0], "unknown key (known keys: "
+                     + ", ".join(sorted(top)) + ")")
+    mount = c.table("mount", data.get("mount", {}),
+                    {"stop_timeout": Option("float", default=Config.stop_timeout)})
+    if mount["stop_timeout"] < 0:
+        raise c.fail("mount.stop_timeout", "expected a number of seconds ≥ 0")
 
     cache = c.table("cache", data.get("cache", {}), _CACHE_KEYS)
     if cache["block_size"] < 4096 or cache["block_size"] & (cache["block_size"] - 1):
@@ -261,7 +273,9 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
         spool_trim_after=cache["spool_trim_after"],
     )
     hashes = c.table("hash", data.get("hash", {}),
-                     {"algo": Option(hashing.ALGOS, default="sha512")})
+                     {"algo": Option(hashing.ALGOS, default="sha512"),
+                      "inline_max": Option("size", default=HashConfig.inline_max),
+                      "background_max": Option("size", default=HashConfig.background_max)})
 
     ttl = data.get("metadata_ttl", 2.0)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0:
@@ -275,8 +289,9 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
     if len(defaults) > 1:
         raise c.fail(f"stores.{defaults[1]}.default",
                      f"only one store may be the default (stores.{defaults[0]} already is)")
-    return Config(path=p, cache=cache_cfg, hash=HashConfig(hashes["algo"]),
-                  stores=tuple(stores), metadata_ttl=float(ttl))
+    return Config(path=p, cache=cache_cfg, hash=HashConfig(**hashes),
+                  stores=tuple(stores), metadata_ttl=float(ttl),
+                  stop_timeout=mount["stop_timeout"])
 
 
 def _store(c: _Checker, sid: str, table: Any) -> StoreConfig:

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -177,7 +178,9 @@ def build_fs(config: Config, stores: list[Store], mountpoint: str, opts: MountOp
     settings = FsSettings(
         ttl=config.metadata_ttl, readahead=cc.readahead,
         writer=WriterSettings(spool_dir=spool, hash_algo=config.hash.algo,
-                              spool_trim_after=config.cache.spool_trim_after),
+                              spool_trim_after=config.cache.spool_trim_after,
+                              hash_inline_max=config.hash.inline_max,
+                              hash_background_max=config.hash.background_max),
         uid=os.getuid(), gid=os.getgid(), read_only=opts.read_only, mountpoint=mountpoint,
     )
     return ImageFS(stores, source, settings)
@@ -194,25 +197,44 @@ def _raise_readahead(mountpoint: str, kib: int) -> None:
         log.debug("could not set read_ahead_kb: %s", e)
 
 
-async def _serve(fs: ImageFS, mountpoint: str, readahead_kib: int) -> None:
+async def _serve(fs: ImageFS, mountpoint: str, readahead_kib: int,
+                 stop_timeout: float = 30.0) -> None:
     import pyfuse3
 
     async with trio.open_nursery() as nursery:
         fs.bind(nursery)
+        serving = trio.CancelScope()
 
         async def on_signals() -> None:
+            """First signal: stop taking requests, give those in flight ``stop_timeout``
+            seconds, then abort them (a publish cut short publishes nothing; its leftovers
+            are cleaned at the next mount). A second signal aborts at once."""
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 async for sig in sigs:
-                    log.info("signal %s: unmounting", signal.Signals(sig).name)
-                    pyfuse3.terminate()
-                    return
+                    name = signal.Signals(sig).name
+                    if serving.deadline == math.inf:
+                        log.info("signal %s: unmounting; requests in flight get %gs to finish",
+                                 name, stop_timeout)
+                        _sd_notify("STOPPING=1")
+                        serving.deadline = trio.current_time() + stop_timeout
+                        pyfuse3.terminate()
+                    else:
+                        log.warning("signal %s again: aborting requests in flight now", name)
+                        serving.cancel()
 
         nursery.start_soon(on_signals)
         # stat() of the mount point is answered by this very loop: do it from a thread.
         nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint, readahead_kib)
-        await pyfuse3.main(min_tasks=4, max_tasks=64)
+        with serving:
+            await pyfuse3.main(min_tasks=4, max_tasks=64)
+        if serving.cancelled_caught:
+            log.warning("requests still in flight were aborted; nothing partial was published")
         _sd_notify("STOPPING=1")
-        await fs.drain()
+        with trio.move_on_after(max(stop_timeout, 1.0)) as draining:
+            await fs.drain()
+        if draining.cancelled_caught:
+            log.warning("unfinished uploads could not all be aborted in time; the next mount "
+                        "cleans what they left")
         nursery.cancel_scope.cancel()
 
 
@@ -255,7 +277,8 @@ def serve(config: Config, mountpoint: str, opts: MountOptions, foreground: bool,
     report("ok")
     _sd_notify("READY=1")
     try:
-        trio.run(_serve, fs, mountpoint, max(1024, config.cache.readahead // 1024))
+        trio.run(_serve, fs, mountpoint, max(1024, config.cache.readahead // 1024),
+                 config.stop_timeout)
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)

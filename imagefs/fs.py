@@ -22,8 +22,9 @@ import pyfuse3
 import trio
 
 from imagefs import bridge
+from imagefs.background_hash import BackgroundHasher
 from imagefs.catalog import Catalog
-from imagefs.hashing import parse_hashes
+from imagefs.hashing import META_VALUE, parse_hashes
 from imagefs.inodes import ROOT, InodeTable, Node
 from imagefs.reader import BlockSource, Reader
 from imagefs.stores.base import (
@@ -217,6 +218,7 @@ class ImageFS(pyfuse3.Operations):
         self._source_factory = source_factory
         self.source: BlockSource | None = None
         self.nursery: trio.Nursery | None = None
+        self.background_hash: BackgroundHasher | None = None
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._dir_listings: dict[int, list[tuple[bytes, Any]]] = {}
@@ -227,6 +229,17 @@ class ImageFS(pyfuse3.Operations):
         """Attach the nursery that background work (prefetch, streaming uploads) runs in."""
         self.nursery = nursery
         self.source = self._source_factory(nursery)
+        ws = self.settings.writer
+        self.background_hash = BackgroundHasher(ws.hash_algo, ws.hash_background_max,
+                                                ws.long_timeout, self._hashed)
+        nursery.start_soon(self.background_hash.run)
+
+    def _hashed(self, store: Store, info: ImageInfo) -> None:
+        """The background hasher stored an image's hashes: show them."""
+        self.catalogs[store.id].put(info)
+        node = self.inodes.find(store.id, info.name)
+        if node is not None:
+            node.extra["info"] = info
 
     # ------------------------------------------------------------------ attributes
     def _base_attr(self, ino: int) -> pyfuse3.EntryAttributes:
@@ -794,6 +807,8 @@ class ImageFS(pyfuse3.Operations):
         node.extra["info"] = info
         node.cached_version = None
         log.info("published %s/%s (%d bytes)", node.store_id, info.name, info.size)
+        if META_VALUE not in info.meta and self.background_hash is not None:
+            self.background_hash.submit(self.stores[node.store_id], info)
 
     async def _publish(self, h: Handle) -> None:
         w = h.writer

@@ -62,6 +62,13 @@ class WriterSettings:
     #: Plus one second per this many bytes: a 300 GiB image may take longer than any fixed
     #: deadline, yet a stalled backend must still end in EIO (each request has its own timeout).
     commit_min_rate: int = 4 << 20
+    #: Hashing a close may still do (bytes that did not stream through the hasher in order,
+    #: holes included). Past it the image is published without hashes and ``on_unhashed``
+    #: gets it (the mount hashes it in the background): ``qemu-img create -f raw IMG 1T``
+    #: must not sit in close() hashing a terabyte of zeros.
+    hash_inline_max: int = 64 << 20
+    #: Images published without hashes up to this size are hashed in the background.
+    hash_background_max: int = 64 << 30
 
     def long_timeout(self, store: Store, size: int) -> float:
         """Deadline of a call that moves ``size`` bytes at once (publish, server-side copy)."""
@@ -257,6 +264,8 @@ class Writer:
             return  # a hole: publishing sets the size, nothing is allocated
         up, h = self._upload, self._hasher
         in_order = self._hash_ok and offset >= h.offset and offset >= self._extent
+        if in_order and offset - h.offset > self.settings.hash_inline_max:
+            in_order = False  # a hole too big to hash here: the image is hashed later
 
         def put() -> None:
             up.write(offset, data)
@@ -480,10 +489,20 @@ class Writer:
         up, size, h = self._upload, self.size, self._hasher
         hash_ok = self._hash_ok
 
+        in_order = hash_ok and h.offset <= size
+        unhashed = size - h.offset if in_order else size
+        inline = unhashed <= self.settings.hash_inline_max
+        if not inline:
+            log.info("%s/%s: %d bytes were not hashed as they were written (holes or writes "
+                     "out of order); publishing without hashes, they are computed afterwards",
+                     self.store.id, self.name, unhashed)
+
         def finish() -> ImageInfo:
             up.truncate(size)  # the writer's size is the truth, whatever the upload counted
+            if not inline:
+                return up.commit(meta)
             hasher = h
-            if hash_ok and h.offset <= size:
+            if in_order:
                 h.update_zeros(size - h.offset)
             else:
                 hasher = ImageHasher(self.settings.hash_algo)
