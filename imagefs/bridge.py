@@ -44,6 +44,7 @@ async def call(store: Store, fn: Callable[..., T], *args: Any, timeout: float | 
     raise AssertionError("unreachable")
 
 
-async def local(fn: Callable[..., T], *args: Any) -> T:
+async def local(fn: Callable[..., T], *args: Any,
+                limiter: trio.CapacityLimiter | None = None) -> T:
     """Run local blocking I/O (spool files, disk cache) off the trio thread."""
-    return await trio.to_thread.run_sync(functools.partial(fn, *args))
+    return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter)

@@ -97,6 +97,10 @@ class DiskCache:
     def used(self) -> int:
         return self._used
 
+    def contains(self, key: Hashable) -> bool:
+        """Whether the index lists ``key`` (no I/O: a miss costs no thread hop)."""
+        return self.max_bytes > 0 and self._rel(self._keybytes(key)) in self._index
+
     def get(self, key: Hashable) -> bytes | None:
         if self.max_bytes <= 0:
             return None
@@ -131,10 +135,10 @@ class DiskCache:
         body = memoryview(raw)[_HEADER.size:]
         if magic != _MAGIC or len(body) != klen + dlen or bytes(body[:klen]) != kb:
             return None
-        data = bytes(body[klen:])
+        data = body[klen:]  # a view: no copy of the block
         if zlib.crc32(data) != crc:
             return None
-        return data
+        return data  # type: ignore[return-value]
 
     def put(self, key: Hashable, data: bytes) -> None:
         if self.max_bytes <= 0 or len(data) > self.max_bytes:
@@ -194,6 +198,9 @@ class BlockCache:
 
     def put_memory(self, key: Hashable, data: bytes) -> None:
         self.memory.put(key, data)
+
+    def on_disk(self, key: Hashable) -> bool:
+        return self.disk is not None and self.disk.contains(key)
 
     def get_disk(self, key: Hashable) -> bytes | None:
         return self.disk.get(key) if self.disk else None

@@ -123,6 +123,11 @@ class CacheConfig:
     block_size: int
     readahead: int
     max_prefetch_memory: int
+    #: Most bytes one backend read request fetches (a run of blocks, see reader.py).
+    fetch_size: int = 16 << 20
+    #: Readers use the kernel page cache (fast re-reads of an unchanged image while it stays
+    #: cached) instead of direct I/O (one copy less per byte: faster first reads).
+    page_cache: bool = True
     #: Past this many bytes streamed in order, a spooled upload drops what it has sent from
     #: its local spool (0: never), so copying a huge image to S3/Swift needs no disk for it.
     spool_trim_after: int = 1 << 30
@@ -189,6 +194,8 @@ _CACHE_KEYS: dict[str, Option] = {
     "block_size": Option("size", default=1 << 20),
     "readahead": Option("size", default=16 << 20),
     "max_prefetch_memory": Option("size", default=128 << 20),
+    "fetch_size": Option("size", default=16 << 20),
+    "page_cache": Option("bool", default=True),
     "spool_trim_after": Option("size", default=1 << 30),
 }
 
@@ -269,7 +276,8 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
         dir=Path(cache["dir"]) if cache["dir"] else default_cache_dir(),
         disk_size=cache["disk_size"], memory_size=cache["memory_size"],
         block_size=cache["block_size"], readahead=cache["readahead"],
-        max_prefetch_memory=cache["max_prefetch_memory"],
+        max_prefetch_memory=cache["max_prefetch_memory"], fetch_size=cache["fetch_size"],
+        page_cache=cache["page_cache"],
         spool_trim_after=cache["spool_trim_after"],
     )
     hashes = c.table("hash", data.get("hash", {}),

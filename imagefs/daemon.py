@@ -24,6 +24,7 @@ from pathlib import Path
 
 import trio
 
+from imagefs import kernel
 from imagefs import stores as registry
 from imagefs.cache import BlockCache, DiskCache, MemoryCache
 from imagefs.config import Config
@@ -173,7 +174,8 @@ def build_fs(config: Config, stores: list[Store], mountpoint: str, opts: MountOp
     cache = BlockCache(MemoryCache(cc.memory_size), disk)
 
     def source(nursery: trio.Nursery) -> BlockSource:
-        return BlockSource(cache, cc.block_size, cc.max_prefetch_memory, nursery)
+        return BlockSource(cache, cc.block_size, cc.max_prefetch_memory, nursery,
+                           fetch_size=cc.fetch_size)
 
     settings = FsSettings(
         ttl=config.metadata_ttl, readahead=cc.readahead,
@@ -182,19 +184,16 @@ def build_fs(config: Config, stores: list[Store], mountpoint: str, opts: MountOp
                               hash_inline_max=config.hash.inline_max,
                               hash_background_max=config.hash.background_max),
         uid=os.getuid(), gid=os.getgid(), read_only=opts.read_only, mountpoint=mountpoint,
+        page_cache=cc.page_cache,
     )
     return ImageFS(stores, source, settings)
 
 
-def _raise_readahead(mountpoint: str, kib: int) -> None:
-    """Kernel read-ahead on the FUSE bdi (default 128 KiB) caps sequential reads; raise it."""
+async def _tune(mountpoint: str, readahead_kib: int) -> None:
     try:
-        dev = os.stat(mountpoint).st_dev
-        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
-        with open(path, "w") as f:
-            f.write(str(kib))
+        await trio.to_thread.run_sync(kernel.tune_connection, mountpoint, readahead_kib)
     except OSError as e:
-        log.debug("could not set read_ahead_kb: %s", e)
+        log.info("kernel settings of the mount not changed: %s", e)
 
 
 async def _serve(fs: ImageFS, mountpoint: str, readahead_kib: int,
@@ -224,7 +223,7 @@ async def _serve(fs: ImageFS, mountpoint: str, readahead_kib: int,
 
         nursery.start_soon(on_signals)
         # stat() of the mount point is answered by this very loop: do it from a thread.
-        nursery.start_soon(trio.to_thread.run_sync, _raise_readahead, mountpoint, readahead_kib)
+        nursery.start_soon(_tune, mountpoint, readahead_kib)
         with serving:
             await pyfuse3.main(min_tasks=4, max_tasks=64)
         if serving.cancelled_caught:

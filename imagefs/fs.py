@@ -197,6 +197,9 @@ class FsSettings:
     gid: int
     read_only: bool = False
     mountpoint: str = ""
+    #: Readers go through the kernel's page cache (kept across opens of an unchanged image)
+    #: instead of direct I/O; see ``cache.page_cache`` in imagefs.toml(5).
+    page_cache: bool = True
 
 
 class ImageFS(pyfuse3.Operations):
@@ -670,7 +673,7 @@ class ImageFS(pyfuse3.Operations):
             info = await self.catalogs[store.id].stat(node.name, fresh=True)
             assert self.source is not None
             reader = Reader(self.source, store, info, self.settings.readahead)
-            if (isinstance(node.writer, Writer)
+            if (not self.settings.page_cache or isinstance(node.writer, Writer)
                     or node.reported_version != info.version
                     or any(o.cached and o.reader.info.version != info.version
                            for o in node.readers)):

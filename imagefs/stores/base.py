@@ -232,6 +232,23 @@ class Store(ABC):
         Raises ``Changed`` if the image is no longer that version.
         """
 
+    def read_chunks(self, name: str, version: str, offset: int, length: int, chunk: int
+                    ) -> Iterator[bytes]:
+        """The range as consecutive ``chunk``-byte pieces (the last may be shorter), each
+        handed on as soon as it is there: one backend request for many cache blocks, whose
+        first blocks serve readers before the rest arrive. Same rules as ``read_range``.
+
+        This default makes one ``read_range`` and cuts it; stores that can stream a reply
+        (s3) override it."""
+        data = self.read_range(name, version, offset, length)
+        if len(data) <= chunk:
+            if data:
+                yield data
+            return
+        view = memoryview(data)
+        for off in range(0, len(data), chunk):
+            yield bytes(view[off:off + chunk])
+
     @abstractmethod
     def upload(self, name: str, size_hint: int | None = None) -> Upload: ...
 

@@ -583,8 +583,13 @@ class S3Store(Store):
             return None
 
     def read_range(self, name: str, version: str, offset: int, length: int) -> bytes:
+        return b"".join(self.read_chunks(name, version, offset, length, max(length, 1)))
+
+    def read_chunks(self, name: str, version: str, offset: int, length: int, chunk: int
+                    ) -> Iterator[bytes]:
+        """One ranged GET, its body handed on ``chunk`` bytes at a time as it arrives."""
         if length <= 0:
-            return b""
+            return
         what = f"{self.id}/{name}"
         try:
             r = self.s3.get_object(Bucket=self.bucket, Key=self._key(name),
@@ -593,33 +598,23 @@ class S3Store(Store):
         except Exception as e:
             code, status = _code(e)  # type: ignore[arg-type]
             if code == "InvalidRange" or status == 416:
-                return b""  # at or past the end
+                return  # at or past the end
             err = self._error(e, what)
             if isinstance(err, NotFound):  # deleted under an open reader: not ENOENT on read(2)
                 raise Changed(f"{what} was deleted since it was opened") from None
             raise err from None
         body = r["Body"]
         try:
-            if _etag(r.get("ETag")) != version:
-                raise Changed(f"{what} changed since it was opened")
-            status = r["ResponseMetadata"]["HTTPStatusCode"]
-            got = int(r.get("ContentLength", -1))
-            if status == 206:
-                m = _RANGE.match(r.get("ContentRange") or "")
-                if not m or int(m.group(1)) != offset:
-                    raise BackendError(f"{what}: bad Content-Range {r.get('ContentRange')!r}")
-                total = int(m.group(3)) if m.group(3) != "*" else offset + got
-                expect = min(length, total - offset)
-                if int(m.group(2)) - offset + 1 != expect:
-                    raise BackendError(f"{what}: bad Content-Range {r.get('ContentRange')!r}")
-            elif status == 200 and offset == 0:
-                expect = min(length, got)  # a server that ignores Range sends it all
-            else:
-                raise BackendError(f"{what}: unexpected HTTP {status} to a ranged GET")
-            data = body.read(expect) if status == 200 else body.read()
-            if len(data) != expect or (status == 206 and got != expect):
-                raise BackendError(f"{what}: short read: {len(data)} of {expect} bytes")
-            return data
+            expect = self._expected_body(r, what, version, offset, length)
+            done = 0
+            while done < expect:
+                data = body.read(min(chunk, expect - done))
+                if not data:
+                    raise BackendError(f"{what}: short read: {done} of {expect} bytes")
+                done += len(data)
+                yield data
+            if r["ResponseMetadata"]["HTTPStatusCode"] == 206 and body.read(1):
+                raise BackendError(f"{what}: more bytes than Content-Range says")
         except (Changed, BackendError):
             raise
         except Exception as e:
@@ -627,6 +622,29 @@ class S3Store(Store):
                                retryable=True) from None
         finally:
             body.close()
+
+    @staticmethod
+    def _expected_body(r: Mapping[str, Any], what: str, version: str, offset: int,
+                       length: int) -> int:
+        """How many body bytes a ranged GET's reply must carry, after checking its ETag,
+        status and Content-Range."""
+        if _etag(r.get("ETag")) != version:
+            raise Changed(f"{what} changed since it was opened")
+        status = r["ResponseMetadata"]["HTTPStatusCode"]
+        got = int(r.get("ContentLength", -1))
+        if status == 206:
+            m = _RANGE.match(r.get("ContentRange") or "")
+            if not m or int(m.group(1)) != offset:
+                raise BackendError(f"{what}: bad Content-Range {r.get('ContentRange')!r}")
+            total = int(m.group(3)) if m.group(3) != "*" else offset + got
+            expect = min(length, total - offset)
+            if int(m.group(2)) - offset + 1 != expect or got != expect:
+                raise BackendError(f"{what}: bad Content-Range {r.get('ContentRange')!r} "
+                                   f"for {got} bytes")
+            return expect
+        if status == 200 and offset == 0:
+            return min(length, got)  # a server that ignores Range sends it all
+        raise BackendError(f"{what}: unexpected HTTP {status} to a ranged GET")
 
     # ------------------------------------------------------------------ uploads
     def _base_part_size(self, size_hint: int | None) -> int:

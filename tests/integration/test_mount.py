@@ -438,9 +438,16 @@ def test_mount_8_and_fstab_forms(tmp_path: Path, fstype: str) -> None:
             time.sleep(0.05)
 
 
-def _gets(nginx: Any, path: str) -> int:
-    log = Path(nginx.dir) / "log" / "access.log"
-    return sum(1 for line in log.read_text().splitlines() if f'"GET {path} ' in line)
+def _log_size(nginx: Any) -> int:
+    return (Path(nginx.dir) / "log" / "access.log").stat().st_size
+
+
+def _gets(nginx: Any, path: str, since: int = 0) -> int:
+    """Bytes nginx sent for GETs of ``path`` logged after offset ``since`` of its access log
+    (a request may fetch many blocks)."""
+    log = (Path(nginx.dir) / "log" / "access.log").read_bytes()[since:].decode()
+    return sum(int(line.split('" ', 1)[1].split()[1]) for line in log.splitlines()
+               if f'"GET {path} ' in line)
 
 
 def test_http_reads_prefetch_and_hit_memory_then_disk_cache(
@@ -453,25 +460,26 @@ def test_http_reads_prefetch_and_hit_memory_then_disk_cache(
     digest = make_file(served / "big.raw", 24 * MiB, "cache")
     path = "/" + served.name + "/big.raw"
     cache = {"dir": str(tmp_path / "cache"), "readahead": "8MiB"}
+    since = _log_size(nginx)
     m = mount_factory({"mirror": http_store_table}, cache=cache)
     with open(m.path("mirror", "big.raw"), "rb", buffering=0) as f:
         for _ in range(4):
             f.read(256 << 10)  # 1 MiB, in order
         deadline = time.monotonic() + 10
-        while _gets(nginx, path) < 6 and time.monotonic() < deadline:
+        while _gets(nginx, path, since) < 6 * MiB and time.monotonic() < deadline:
             time.sleep(0.05)
-        ahead = _gets(nginx, path)
-    assert ahead >= 6, f"only {ahead} blocks fetched for a 1 MiB sequential read"
+        ahead = _gets(nginx, path, since)
+    assert ahead >= 6 * MiB, f"only {ahead} bytes fetched for a 1 MiB sequential read"
     assert sh("sha256sum", m.path("mirror", "big.raw")).stdout.split()[0] == digest
-    first = _gets(nginx, path)
-    assert first <= 24 + 2, f"{first} GETs for 24 blocks: blocks fetched twice"
+    first = _gets(nginx, path, since)
+    assert first == 24 * MiB, f"{first} bytes fetched for a 24 MiB image: blocks fetched twice"
     Path("/proc/sys/vm/drop_caches").write_text("3\n")  # the next read reaches imagefs
     assert sh("sha256sum", m.path("mirror", "big.raw")).stdout.split()[0] == digest
-    assert _gets(nginx, path) == first, "memory cache missed"
+    assert _gets(nginx, path, since) == first, "memory cache missed"
     unmount(m)
     m = mount(m.root.parent, {"mirror": http_store_table}, cache=cache)  # same mount point
     try:
         assert sh("sha256sum", m.path("mirror", "big.raw")).stdout.split()[0] == digest
-        assert _gets(nginx, path) == first, "disk cache missed after a remount"
+        assert _gets(nginx, path, since) == first, "disk cache missed after a remount"
     finally:
         unmount(m)

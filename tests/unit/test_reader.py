@@ -1,0 +1,175 @@
+"""The read path without a kernel: runs of blocks per request, prefetch bounds, exactness.
+
+Backend requests are counted on an in-memory store (tests/memstore.py); the integration tests
+count them at a real server (nginx) through a real mount.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import trio
+
+from imagefs.cache import BlockCache, MemoryCache
+from imagefs.reader import BlockSource, Reader, exact_chunks
+from tests.memstore import MemStore
+
+MiB = 1 << 20
+
+
+class Recorder(MemStore):
+    """Counts read requests and watches how many prefetched blocks are in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[int, int]] = []
+        self.source: BlockSource | None = None
+        self.min_tokens = 1 << 30
+
+    def read_range(self, name: str, version: str, offset: int, length: int) -> bytes:
+        self.requests.append((offset, length))
+        if self.source is not None:
+            self.min_tokens = min(self.min_tokens, self.source.tokens)
+        return super().read_range(name, version, offset, length)
+
+
+def _run(store: Recorder, data: bytes, reads: list[list[tuple[int, int]]],
+         readahead: int = 8 * MiB, prefetch: int = 128 * MiB, memory: int = 256 * MiB,
+         fetch_size: int = 16 * MiB) -> dict[str, Any]:
+    info = store.put("img", data, {})
+    out: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            src = BlockSource(BlockCache(MemoryCache(memory), None), MiB, prefetch, n,
+                              fetch_size=fetch_size)
+            store.source = src
+            r = Reader(src, store, info, readahead)
+
+            async def one(off: int, size: int) -> None:
+                got = await r.read(off, size)
+                assert bytes(got) == data[off:off + size], f"wrong bytes at {off}"
+
+            for group in reads:  # the reads of a group are in flight together
+                async with trio.open_nursery() as g:
+                    for off, size in group:
+                        g.start_soon(one, off, size)
+            await trio.sleep(0.05)  # let prefetches that are still running land
+            out["tokens"] = (src.tokens, src.max_tokens)
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    return out
+
+
+def _fetched(store: Recorder) -> list[int]:
+    """How many times each byte offset (in MiB) was fetched."""
+    counts: dict[int, int] = {}
+    for off, n in store.requests:
+        for b in range(off // MiB, (off + n + MiB - 1) // MiB):
+            counts[b] = counts.get(b, 0) + 1
+    return [counts.get(b, 0) for b in range(max(counts) + 1)] if counts else []
+
+
+def test_a_sequential_read_fetches_each_block_once_in_few_requests() -> None:
+    store = Recorder()
+    data = os.urandom(40 * MiB + 1234)
+    reads = [[(off, 256 << 10)] for off in range(0, len(data), 256 << 10)]
+    out = _run(store, data, reads)
+    assert _fetched(store) == [1] * 41
+    assert len(store.requests) <= 12, store.requests  # runs, not one request per block
+    assert max(n for _, n in store.requests) <= 16 * MiB
+    assert out["tokens"][0] == out["tokens"][1]  # every prefetch token came back
+
+
+def test_reads_answered_out_of_order_still_count_as_sequential() -> None:
+    """The kernel's read-ahead keeps several 1 MiB requests in flight; they arrive in any
+    order. Still each block once, still prefetched in runs."""
+    store = Recorder()
+    data = os.urandom(32 * MiB)
+    rng = random.Random(3)
+    offsets = list(range(0, len(data), MiB))
+    groups = []
+    for i in range(0, len(offsets), 4):
+        g = [(o, MiB) for o in offsets[i:i + 4]]
+        rng.shuffle(g)
+        groups.append(g)
+    _run(store, data, groups)
+    assert _fetched(store) == [1] * 32
+    assert len(store.requests) < 16, store.requests
+
+
+def test_random_reads_fetch_only_what_they_touch() -> None:
+    store = Recorder()
+    data = os.urandom(256 * MiB)
+    rng = random.Random(5)
+    offs = [rng.randrange(0, len(data) - 65536) & ~4095 for _ in range(40)]
+    _run(store, data, [[(o, 65536)] for o in offs])
+    touched = {b for o in offs for b in range(o // MiB, (o + 65535) // MiB + 1)}
+    fetched = {i for i, c in enumerate(_fetched(store)) if c}
+    assert fetched == touched  # no prefetch for a random pattern
+
+
+def test_a_run_never_spans_a_cached_block() -> None:
+    """Blocks 0-2 where block 1 is already cached: blocks 0 and 2 come from two requests
+    (one request for both would hand block 1's bytes to block 2)."""
+    store = Recorder()
+    data = os.urandom(8 * MiB)
+    info = store.put("img", data, {})
+
+    async def main() -> list[bytes]:
+        async with trio.open_nursery() as n:
+            src = BlockSource(BlockCache(MemoryCache(64 * MiB), None), MiB, 16 * MiB, n)
+            await src.blocks(store, info, 1, 1)
+            got = await src.blocks(store, info, 0, 2)
+            n.cancel_scope.cancel()
+            return got
+
+    got = trio.run(main)
+    assert b"".join(got) == data[:3 * MiB]
+    assert sorted(store.requests) == [(0, MiB), (MiB, MiB), (2 * MiB, MiB)]
+
+
+def test_prefetch_stays_inside_the_mount_wide_budget() -> None:
+    """Eight sequential readers at once on a 6-block budget: never more than 6 prefetched
+    blocks in flight, and every token returns."""
+    store = Recorder()
+    data = os.urandom(24 * MiB)
+    info_names = [f"img{i}" for i in range(8)]
+    for name in info_names:
+        store.put(name, data, {})
+
+    async def main() -> tuple[int, int]:
+        async with trio.open_nursery() as n:
+            src = BlockSource(BlockCache(MemoryCache(512 * MiB), None), MiB, 6 * MiB, n)
+            store.source = src
+
+            async def reader(name: str) -> None:
+                r = Reader(src, store, store.stat(name), 64 * MiB)
+                for off in range(0, len(data), MiB):
+                    assert bytes(await r.read(off, MiB)) == data[off:off + MiB]
+
+            async with trio.open_nursery() as g:
+                for name in info_names:
+                    g.start_soon(reader, name)
+            await trio.sleep(0.05)
+            n.cancel_scope.cancel()
+            return src.tokens, src.max_tokens
+
+    tokens, max_tokens = trio.run(main)
+    assert max_tokens == 6
+    assert tokens == 6
+    assert store.min_tokens >= 0
+
+
+def test_exact_chunks_recuts_and_checks_the_length() -> None:
+    assert list(exact_chunks([b"abc", b"defg", b"h"], 3, 8)) == [b"abc", b"def", b"gh"]
+    for pieces, length in (([b"ab"], 3), ([b"abcd"], 3)):
+        try:
+            list(exact_chunks(pieces, 2, length))
+        except Exception as e:
+            assert "short" in str(e) or "more" in str(e)
+        else:
+            raise AssertionError("a wrong length was accepted")
