@@ -8,9 +8,10 @@ Blocks are the unit of caching; a *run* of consecutive missing blocks is the uni
 one backend request (``Store.read_chunks``) whose blocks are handed to their readers one by
 one as they arrive. Per-request cost dominates small requests (1 MiB ranged GETs reach a third
 of what 16 MiB ones do on RGW), so sequential readers prefetch in runs of up to
-``fetch_size``, keeping a window ahead of them that starts at two blocks and doubles with each
-sequential read up to ``readahead``. Reads arriving slightly out of order (the kernel's
-read-ahead has several requests in flight) still count as sequential; a real seek resets it.
+``fetch_size``, keeping a window ahead of them that starts at two blocks once two blocks were
+read in order and doubles with each sequential read after that, up to ``readahead``. Reads
+arriving slightly out of order (the kernel's read-ahead has several requests in flight) still
+count as sequential; a real seek resets it.
 
 Memory stays bounded: fetched blocks live in the size-bounded memory LRU; prefetched blocks in
 flight take one token each from a mount-wide budget of ``cache.max_prefetch_memory`` and a
@@ -302,8 +303,11 @@ class Reader:
         self._max_window = max(1, readahead // bs)
         #: How far from the furthest read so far a read may land and still be sequential.
         self._slack = max(self._max_window, 8) * bs
-        self._end = 0          # end of the furthest read of the current sequential stretch
+        #: End of the furthest read of the current stretch; None before the first read,
+        #: which never prefetches on its own (``qemu-img info`` reads a header, then stops).
+        self._end: int | None = None
         self._sequential = False
+        self._stretch = 0      # bytes read in the current stretch
         self._window = 0       # blocks to keep fetched ahead of the reader
         self._ahead = -1       # last block requested ahead
 
@@ -330,20 +334,28 @@ class Reader:
         return b"".join(blocks)[offset - first * bs:end - first * bs]
 
     def _track(self, offset: int, end: int, last: int) -> None:
-        """Follow the access pattern; keep the prefetch window topped up while sequential."""
-        # Until a stretch is sequential, only reads next to the last one start one; then the
-        # kernel's read-ahead (many requests in flight, answered in any order) is tolerated.
-        slack = self._slack if self._sequential else 2 * self.source.block_size
-        if self._end - slack <= offset <= self._end + slack:
-            self._sequential = True
-            self._window = min(self._max_window, max(2, self._window * 2))
-            self._end = max(self._end, end)
-            self._top_up(last)
-        else:
+        """Follow the access pattern; keep the prefetch window topped up while sequential.
+
+        Until a stretch is sequential, a read continues it only next to the last one, and
+        prefetch starts once it has read two blocks' worth (a header probe such as
+        ``qemu-img info`` reads less). Then the kernel's read-ahead is tolerated: many
+        requests in flight, answered in any order."""
+        bs = self.source.block_size
+        slack = self._slack if self._sequential else 2 * bs
+        if self._end is None or not self._end - slack <= offset <= self._end + slack:
             self._sequential = False
             self._window = 0
+            self._stretch = end - offset
             self._end = end
             self._ahead = last
+            return
+        self._stretch += end - offset
+        self._end = max(self._end, end)
+        if not self._sequential and self._stretch < 2 * bs:
+            return
+        self._sequential = True
+        self._window = min(self._max_window, max(2, self._window * 2))
+        self._top_up(last)
 
     def _top_up(self, last: int) -> None:
         src = self.source

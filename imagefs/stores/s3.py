@@ -40,10 +40,8 @@ Errors
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import datetime
-import hashlib
 import logging
 import re
 import tempfile
@@ -158,18 +156,6 @@ class _Part:
         assert self._file is not None
         self._file.seek(0)
         return self._file
-
-    def content_md5(self) -> str:
-        """Computed in the uploading thread, so parts hash in parallel, not in the writer's."""
-        md5 = hashlib.md5()
-        if self._mem is not None:
-            md5.update(self._mem)
-        else:
-            assert self._file is not None
-            self._file.seek(0)
-            while chunk := self._file.read(4 * MiB):
-                md5.update(chunk)
-        return base64.b64encode(md5.digest()).decode()
 
     def release(self) -> None:
         if self._budget is not None:
@@ -443,7 +429,10 @@ class S3Store(Store):
         config = Config(
             region_name=o.get("region"),
             signature_version="s3v4",
-            s3={"addressing_style": o["addressing_style"]},
+            # Every PUT carries the SHA-256 of its body in its signature, which the server
+            # checks (botocore does it anyway over plain http): the integrity check of each
+            # part, at 1.6 GB/s, where a Content-MD5 cost a second pass at half that speed.
+            s3={"addressing_style": o["addressing_style"], "payload_signing_enabled": True},
             retries={"mode": "standard", "max_attempts": o["max_attempts"]},
             connect_timeout=min(self.timeout, 10.0),
             read_timeout=self.timeout,
@@ -671,10 +660,9 @@ class S3Store(Store):
         return str(r["UploadId"])
 
     def _upload_part(self, key: str, upload_id: str, part: _Part) -> str:
-        md5 = part.content_md5()
         r = self._call(f"{self.id}: {key} part {part.number}", "upload_part", write=True,
                        Key=key, UploadId=upload_id, PartNumber=part.number, Body=part.body(),
-                       ContentLength=part.length, ContentMD5=md5)
+                       ContentLength=part.length)
         etag = _etag(r.get("ETag"))
         if not etag:
             raise BackendError(f"{self.id}: {key} part {part.number}: no ETag in the response")
@@ -709,9 +697,8 @@ class S3Store(Store):
     def _put_small(self, name: str, part: _Part, meta: Mapping[str, str]) -> ImageInfo:
         key = self._key(name)
         try:
-            md5 = part.content_md5()
             r = self._call(f"{self.id}/{name}", "put_object", write=True, Key=key,
-                           Body=part.body(), ContentLength=part.length, ContentMD5=md5,
+                           Body=part.body(), ContentLength=part.length,
                            Metadata=_encode_meta(meta))
         finally:
             part.release()

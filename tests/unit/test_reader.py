@@ -77,7 +77,7 @@ def test_a_sequential_read_fetches_each_block_once_in_few_requests() -> None:
     store = Recorder()
     data = os.urandom(40 * MiB + 1234)
     reads = [[(off, 256 << 10)] for off in range(0, len(data), 256 << 10)]
-    out = _run(store, data, reads)
+    out = _run(store, data, reads, readahead=64 * MiB)
     assert _fetched(store) == [1] * 41
     assert len(store.requests) <= 12, store.requests  # runs, not one request per block
     assert max(n for _, n in store.requests) <= 16 * MiB
@@ -173,3 +173,12 @@ def test_exact_chunks_recuts_and_checks_the_length() -> None:
             assert "short" in str(e) or "more" in str(e)
         else:
             raise AssertionError("a wrong length was accepted")
+
+
+def test_a_header_probe_costs_one_request() -> None:
+    """``qemu-img info``: a few small reads near the start of a big image, then nothing: one
+    backend request, no prefetch."""
+    store = Recorder()
+    data = os.urandom(64 * MiB)
+    _run(store, data, [[(0, 65536)], [(0x30000, 512)], [(0x10000, 65536)], [(0x20000, 4096)]])
+    assert store.requests == [(0, MiB)]
