@@ -3,6 +3,7 @@
 # the project installed. Idempotent: a second run installs nothing new.
 #   tools/setup.sh          runtime + everything the test suite drives (backends, qemu, fio...)
 #   tools/setup.sh --demo   only what the demo mount needs (no Ceph/Swift/nginx)
+#   tools/setup.sh --bench  the test set plus the FUSE peers tests/bench/bench_peers.py runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,8 +11,11 @@ RUNTIME="fuse3 libfuse3-dev pkg-config python3 python3-dev python3-venv gcc"
 TESTING="ceph-mon ceph-osd ceph-common radosgw python3-rados python3-rbd rbd-fuse
  swift swift-proxy swift-account swift-container swift-object memcached nginx-light
  qemu-utils fio rsync attr curl xfsprogs iproute2 procps"
+# FUSE peers the benchmarks compare imagefs with (rbd-fuse is in TESTING already)
+BENCH="s3fs rclone"
 want="$RUNTIME"
 [ "${1:-}" = "--demo" ] || want="$RUNTIME $TESTING"
+if [ "${1:-}" = "--bench" ]; then want="$want $BENCH"; fi
 
 if [ "$(id -u)" != 0 ]; then
   echo "tools/setup.sh: run as root (it installs Debian packages and mounts FUSE)" >&2
@@ -28,11 +32,20 @@ if [ -n "$missing" ]; then
   apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-# The Ceph bindings are Debian-only (not on PyPI): a venv over Debian's python3 sees them.
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+# The Ceph bindings are Debian-only (not on PyPI). The venv sees just those two modules (a .pth
+# naming a folder of links to them), not the rest of Debian's Python: the OpenStack packages
+# the Glance and Cinder tests install there would change what swiftclient imports (keystoneclient,
+# then eventlet, which hangs threads that imported it at their exit).
+if [ ! -x .venv/bin/python ] || grep -qs "include-system-site-packages = true" .venv/pyvenv.cfg \
+    || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
   rm -rf .venv
-  /usr/bin/python3 -m venv --system-site-packages .venv
+  /usr/bin/python3 -m venv .venv
 fi
+mkdir -p .venv/debian-bindings
+for so in /usr/lib/python3/dist-packages/rados.cpython-*.so /usr/lib/python3/dist-packages/rbd.cpython-*.so; do
+  if [ -e "$so" ]; then ln -sfn "$so" .venv/debian-bindings/; fi
+done
+echo "$PWD/.venv/debian-bindings" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian-bindings.pth"
 if ! .venv/bin/python -c 'import imagefs, pyfuse3, trio, cachetools, boto3, swiftclient, pytest' 2>/dev/null; then
   echo "== pip install"
   .venv/bin/pip install -q --upgrade pip >/dev/null
