@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUNTIME="fuse3 libfuse3-dev pkg-config python3 python3-dev python3-venv gcc"
+# attr and qemu-utils: getfattr and qemu-img, which the demo and the README use on the mount.
+RUNTIME="fuse3 libfuse3-dev pkg-config python3 python3-dev python3-venv gcc attr qemu-utils"
 TESTING="ceph-mon ceph-osd ceph-common radosgw python3-rados python3-rbd rbd-fuse
  swift swift-proxy swift-account swift-container swift-object memcached nginx-light
  qemu-utils fio rsync attr curl xfsprogs iproute2 procps"
