@@ -67,25 +67,36 @@ class Mount:
             return ""
 
 
+#: Test-sized cache limits, so tests exercise eviction and never fill the disk.
+TEST_CACHE = {"memory_size": "64MiB", "disk_size": "256MiB"}
+
+
 def write_config(where: Path, stores: Mapping[str, Mapping[str, Any]],
-                 cache: Mapping[str, Any] | None = None, **top: Any) -> Path:
+                 cache: Mapping[str, Any] | None = None, *, defaults: bool = False,
+                 **top: Any) -> Path:
+    """Write ``where/imagefs.toml``; the cache lives in ``where/cache``.
+
+    Tests get :data:`TEST_CACHE` under *cache*; ``defaults=True`` sets nothing but
+    ``cache.dir`` (plus *cache*), so benchmarks measure the shipped defaults.
+    """
     cfg = where / "imagefs.toml"
-    doc = {**top, "cache": {"dir": str(where / "cache"), "memory_size": "64MiB",
-                            "disk_size": "256MiB", **(cache or {})}, "stores": stores}
+    base = {"dir": str(where / "cache")} | ({} if defaults else TEST_CACHE)
+    doc = {**top, "cache": {**base, **(cache or {})}, "stores": stores}
     cfg.write_text(to_toml(doc))
     return cfg
 
 
 def mount(where: Path, stores: Mapping[str, Mapping[str, Any]], *,
           cache: Mapping[str, Any] | None = None, options: list[str] | None = None,
-          debug: bool = True, **top: Any) -> Mount:
+          debug: bool = True, defaults: bool = False, **top: Any) -> Mount:
     """Start a daemonized mount under ``where``; raises with the log if it does not come up.
 
     Tests mount with ``debug`` (every FUSE request logged, for post-mortems); benchmarks pass
-    ``debug=False`` to measure what an operator runs.
+    ``debug=False`` and ``defaults=True`` (see :func:`write_config`) to measure what an
+    operator runs.
     """
     where.mkdir(parents=True, exist_ok=True)
-    cfg = write_config(where, stores, cache, **top)
+    cfg = write_config(where, stores, cache, defaults=defaults, **top)
     mnt = where / "mnt"
     mnt.mkdir(exist_ok=True)
     log = where / "imagefs.log"

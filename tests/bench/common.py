@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 MiB = 1 << 20
@@ -36,3 +38,30 @@ def report(title: str, size: int, rows: list[tuple[str, float, str]]) -> None:
     for label, _secs, ref in rows:
         ratio = f"  {speeds[label] / speeds[ref]:5.2f}x of {ref}" if ref else ""
         print(f"  {label:<44} {speeds[label]:8.1f} MB/s{ratio}")
+
+
+def write_random(path: Path, size: int) -> Path:
+    """A file of *size* random bytes (incompressible, so no layer can shortcut it)."""
+    with open(path, "wb") as f:
+        for off in range(0, size, MiB):
+            f.write(os.urandom(min(MiB, size - off)))
+    return path
+
+
+def mbps(size: int, secs: float) -> float:
+    """Decimal MB/s, as dd and the README tables report them."""
+    return size / secs / 1e6
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of several runs: one noisy run (another job on the machine) does not move it."""
+    return float(statistics.median(values))
+
+
+def proc_status_kib(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status`` (e.g. ``VmHWM``: peak resident set size)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0])
+    raise KeyError(f"{field} not in /proc/{pid}/status")
