@@ -190,7 +190,7 @@ _COMMON_STORE_KEYS: dict[str, Option] = {
 _CACHE_KEYS: dict[str, Option] = {
     "dir": Option("path"),
     "disk_size": Option("size", default=20 << 30),
-    "memory_size": Option("size", default=256 << 20),
+    "memory_size": Option("size", default=128 << 20),
     "block_size": Option("size", default=1 << 20),
     "readahead": Option("size", default=64 << 20),
     "max_prefetch_memory": Option("size", default=128 << 20),
