@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import ctypes
 import hashlib
 import logging
 import math
@@ -237,10 +238,33 @@ async def _serve(fs: ImageFS, mountpoint: str, readahead_kib: int,
         nursery.cancel_scope.cancel()
 
 
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
+
+
+def _bound_allocator() -> None:
+    """Make the C allocator give cache blocks back when they are freed.
+
+    Blocks are 1 MiB bytes objects made in one thread and freed in another. glibc serves them
+    from per-thread heaps once its adaptive mmap threshold has grown past 1 MiB, and keeps
+    what they freed: the daemon's resident memory reached twice its configured bounds (414
+    MiB peak copying 1 GiB in and out with a 128 MiB cache). A fixed threshold below the
+    block size maps and unmaps each block (peak 220 MiB, same read speed measured here); few
+    heaps keep the small allocations together.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
+        libc.mallopt(_M_ARENA_MAX, 4)
+    except (OSError, AttributeError) as e:  # not glibc: its defaults stay
+        log.debug("mallopt unavailable: %s", e)
+
+
 def serve(config: Config, mountpoint: str, opts: MountOptions, foreground: bool,
           ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted. Reports readiness/failure on ``ready_fd``."""
     import pyfuse3
+
+    _bound_allocator()
 
     def report(msg: str) -> None:
         if ready_fd is not None:

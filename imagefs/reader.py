@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 #: Blocks waiting for the disk cache; a block that finds the queue full is not stored there,
 #: so reads never wait on the disk cache (bounded memory: these are memory-cache blocks).
-DISK_QUEUE = 64
+DISK_QUEUE = 16
 #: Threads reading the disk cache at once: enough to keep a disk busy, few enough not to
 #: contend in the kernel.
 DISK_READERS = 4
