@@ -6,6 +6,7 @@ Exit status: 0 success, 1 the operation failed, 2 bad usage or bad configuration
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import subprocess
 import sys
@@ -122,6 +123,27 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     return replicate.main(args)
 
 
+def cmd_location(args: argparse.Namespace) -> int:
+    """Print an image's location: by default ``user.imagefs.location`` (no secrets, anyone
+    who may read the image); ``--glance`` the form glance_store can use, which for S3 holds
+    the access key and secret, from ``trusted.imagefs.glance_location`` (root only)."""
+    from imagefs.fs import GLANCE_XATTR, has_sys_admin
+
+    key = GLANCE_XATTR if args.glance else "user.imagefs.location"
+    try:
+        value = os.getxattr(args.image, key)
+    except OSError as e:
+        if e.errno != errno.ENODATA:
+            return _fail(f"{args.image}: {e.strerror}")
+        if args.glance and not has_sys_admin(os.getpid()):
+            return _fail("--glance needs root (CAP_SYS_ADMIN): the Glance location can hold "
+                         "credentials, so it is a trusted.* attribute")
+        return _fail(f"{args.image}: no location glance_store can parse for this image (see "
+                     "LOCATIONS in imagefs(8))")
+    print(value.decode())
+    return 0
+
+
 def _add_mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="TOML configuration file")
     p.add_argument("mountpoint", help="directory to mount on")
@@ -192,6 +214,16 @@ def parser() -> argparse.ArgumentParser:
                    help="default: the mount's [hash] algo, the one it uses for what it writes")
     h.set_defaults(func=cmd_replicate)
 
+    loc = sub.add_parser("location", help="print an image's location URL",
+                         description="Print the image's location as Glance records it, "
+                                     "without credentials; exit 1 if Glance has no form for "
+                                     "it. --glance prints the form glance_store can read "
+                                     "from (S3: with access key and secret; root only).")
+    loc.add_argument("image", help="MOUNTPOINT/STORE/IMAGE")
+    loc.add_argument("--glance", action="store_true",
+                     help="the location glance_store uses, credentials included (root only)")
+    loc.set_defaults(func=cmd_location)
+
     v = sub.add_parser("verify", help="read an image and compare with its stored hash",
                        description="Exit 0 match, 1 mismatch or read error, 3 no stored hash.")
     v.add_argument("image", help="MOUNTPOINT/STORE/IMAGE")
@@ -210,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parser_commands() -> set[str]:
-    return {"mount", "umount", "stores", "demo", "copy", "hash", "verify"}
+    return {"mount", "umount", "stores", "demo", "copy", "hash", "verify", "location"}
 
 
 def mount_helper(argv: list[str] | None = None) -> int:

@@ -67,6 +67,11 @@ _QUIET = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV, errno.EROFS,
 
 
 _SETTABLE_META = ("os_hash_algo", "os_hash_value", "checksum")
+#: The location glance_store can use, credentials included where its driver needs them (S3):
+#: in the ``trusted.`` namespace, which the kernel lets only CAP_SYS_ADMIN read or list.
+GLANCE_XATTR = "trusted.imagefs.glance_location"
+_LOCATION = "user.imagefs.location"
+_CAP_SYS_ADMIN = 21
 
 
 def errno_of(e: BaseException) -> int:
@@ -138,6 +143,15 @@ def process_of(tid: int) -> int:
 async def caller_process(ctx: Any) -> int:
     """The process making a FUSE request (read from /proc off the trio thread)."""
     return await bridge.local(process_of, ctx.pid)
+
+
+def has_sys_admin(tid: int) -> bool:
+    """Whether thread ``tid`` has CAP_SYS_ADMIN in its effective set (False if it is gone)."""
+    try:
+        caps = _proc_field(f"/proc/{tid}/status", "CapEff")
+        return caps is not None and bool(int(caps, 16) >> _CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError):
+        return False
 
 
 def still_open_by(pid: int, path: str) -> bool:
@@ -969,7 +983,9 @@ class ImageFS(pyfuse3.Operations):
             "user.imagefs.hash_algo": self.settings.writer.hash_algo,
         }
 
-    async def _xattrs(self, inode: int) -> Mapping[str, str]:
+    async def _xattrs(self, inode: int, location: bool = True) -> Mapping[str, str]:
+        """The attributes of a store directory or image; ``location=False`` skips the one that
+        may cost a backend call (rbd), for a getxattr of another name (ls asks for ACLs)."""
         if inode in self.inodes.ino_store:
             return self._xattrs_of_store(self.stores[self.inodes.ino_store[inode]])
         node = self.inodes.node(inode)
@@ -978,25 +994,54 @@ class ImageFS(pyfuse3.Operations):
         store = self.stores[node.store_id]
         info = await self.catalogs[store.id].stat(node.name)
         out = {"user.imagefs.store": store.id, "user.imagefs.version": info.version}
-        try:
-            out["user.imagefs.location"] = store.location(node.name)
-        except StoreError:
-            pass
+        try:  # off the trio thread: rbd may have to look at the image's snapshots
+            if location:
+                out[_LOCATION] = await bridge.call(store, store.location, node.name)
+        except StoreError as e:  # Glance has no form for it: no location, never a wrong one
+            log.debug("%s/%s: no location: %s", store.id, node.name, e)
         for key in _SETTABLE_META:
             if key in info.meta:
                 out[f"user.imagefs.{key}"] = info.meta[key]
         return out
 
+    async def _glance_location(self, inode: int, ctx: Any) -> str | None:
+        """``GLANCE_XATTR``: the location glance_store can use, secrets and all (S3), for
+        callers with CAP_SYS_ADMIN only. The kernel already refuses ``trusted.*`` to anyone
+        else before asking us; checking the caller's capabilities here too keeps the secret
+        in the daemon if the mount is ever reached some other way (a user namespace)."""
+        node = self.inodes.node(inode)
+        if inode in self.inodes.ino_store or node is None or node.name is None:
+            return None
+        if not await bridge.local(has_sys_admin, ctx.pid):
+            log.warning("%s: refused to process %d (no CAP_SYS_ADMIN)", GLANCE_XATTR, ctx.pid)
+            return None
+        store = self.stores[node.store_id]
+        await self.catalogs[store.id].stat(node.name)  # ENOENT for a name that is gone
+        try:
+            return await bridge.call(store, store.glance_location, node.name)
+        except StoreError as e:
+            log.info("%s/%s: no Glance location: %s", store.id, node.name, e)
+            return None
+
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        value = (await self._xattrs(inode)).get(_decode(name))
+        key = _decode(name)
+        if key == GLANCE_XATTR:
+            value = await self._glance_location(inode, ctx)
+        else:
+            value = (await self._xattrs(inode, location=key == _LOCATION)).get(key)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value.encode()
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return [k.encode() for k in await self._xattrs(inode)]
+        """``GLANCE_XATTR`` is listed only to callers who may read it (as ext4 lists
+        ``trusted.*`` only to CAP_SYS_ADMIN), and only where the image has a location."""
+        names = [k.encode() for k in await self._xattrs(inode)]
+        if _LOCATION.encode() in names and await bridge.local(has_sys_admin, ctx.pid):
+            names.append(GLANCE_XATTR.encode())
+        return names
 
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:

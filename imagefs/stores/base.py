@@ -114,6 +114,27 @@ def is_hidden(name: str) -> bool:
     return name.startswith(HIDDEN_PREFIX)
 
 
+#: Characters glance_store cannot take literally in the last parts of a location: it splits
+#: them with ``urlparse`` (which drops tabs and newlines and ends at '?' or '#') and does not
+#: percent-decode them (rbd:// URLs aside, which are quoted instead).
+_NOT_IN_GLANCE_URL = re.compile(r"[/?#\x00-\x1f\x7f]")
+
+
+def glance_literal(text: str, what: str, also: str = "") -> str:
+    """``text`` as glance_store needs it in a file://, swift or s3 location: verbatim. Names
+    with '/', '?', '#', control characters, a trailing space or one of ``also`` have no such
+    form: they would parse as another object, or not at all (``Unsupported``, saying why)."""
+    bad = _NOT_IN_GLANCE_URL.search(text) or (
+        re.search("[" + re.escape(also) + "]", text) if also else None)
+    if not text:
+        raise Unsupported(f"{what} is empty")
+    if bad or text.endswith(" "):
+        char = bad.group() if bad else " "
+        raise Unsupported(f"{what} {text!r} has no Glance location: glance_store takes it "
+                          f"verbatim, and {char!r} would change what it names")
+    return text
+
+
 def meta_mtime(meta: Mapping[str, str], default: float) -> float:
     """Parse the persisted mtime, falling back to the backend's own timestamp."""
     try:
@@ -270,7 +291,18 @@ class Store(ABC):
 
     @abstractmethod
     def location(self, name: str) -> str:
-        """The image's location URL in the form Glance records, without credentials."""
+        """The image's location URL in the form Glance records, without credentials.
+
+        Only URLs glance_store parses back to this image: where Glance has no form for it
+        (an RBD image without the snapshot Glance reads, an S3 key with '/'...), raise
+        ``Unsupported`` saying why; the caller shows no location rather than a wrong one."""
+
+    def glance_location(self, name: str) -> str:
+        """The location glance_store itself would record and can read from, secrets and all
+        (its S3 driver takes credentials only from the location). Only root may see it: the
+        ``trusted.imagefs.glance_location`` xattr and ``imagefs location --glance``. Same
+        rules as ``location``; stores whose Glance form has no secret return ``location``."""
+        return self.location(name)
 
     def usage(self) -> tuple[int, int] | None:
         """(images, bytes) if the backend can tell cheaply, else None."""

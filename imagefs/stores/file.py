@@ -33,6 +33,7 @@ from imagefs.stores.base import (
     Store,
     Upload,
     check_name,
+    glance_literal,
     is_hidden,
 )
 
@@ -298,7 +299,8 @@ class FileStore(Store):
             os.close(fd)
 
     def location(self, name: str) -> str:
-        return "file://" + os.path.join(self.path, name)
+        """``file:///DIR/NAME``, Glance's filesystem form: it takes the path verbatim."""
+        return "file://" + os.path.join(self.path, glance_literal(name, "image name"))
 
     def usage(self) -> tuple[int, int] | None:
         images = list(self.list())

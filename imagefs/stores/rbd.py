@@ -75,11 +75,13 @@ Listing and stat cache
     update it at once. ``stat()`` of a cached image costs one small read (``rbd_id.<name>``).
 
 Locations
-    glance_layout: ``rbd://<fsid>/<pool>/<image>/snap``, exactly what Glance records (it cannot
-    express RBD namespaces, hence glance_layout and namespace exclude each other).
-    Otherwise ``rbd://<fsid>/<pool>/<image>``, or ``rbd://<fsid>/<pool>/<namespace>/<image>``
-    with a namespace: the image spec of the ``rbd`` CLI after the cluster fsid. Each part is
-    percent-encoded.
+    ``rbd://<fsid>/<pool>/<image>/snap``, exactly what Glance records (each part
+    percent-encoded, as glance_store decodes them), for every image that has the snapshot
+    ``snap`` Glance reads: all images a glance_layout store publishes, and the images Glance
+    wrote, whatever this store's glance_layout. glance_store parses only 1 or 4 components
+    (``rbd://<image>`` means "in the pool Glance is configured with", which imagefs cannot vouch
+    for), so an image without that snapshot, or any image of a store with a namespace (Glance
+    cannot name one), has no Glance location: ``location`` raises ``Unsupported`` saying why.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ from imagefs.stores.base import (
     ReadOnly,
     Store,
     StoreError,
+    Unsupported,
     Upload,
     check_name,
     is_hidden,
@@ -369,6 +372,8 @@ class RbdUpload(Upload):
         info = ImageInfo(name=self.name, size=self.size, mtime=meta_mtime(stored, created),
                          mode=meta_mode(stored), version=self.image_id, meta=stored)
         store._remember(info)
+        with store._lock:
+            store._snapped[self.name] = (self.image_id, store.glance_layout, time.monotonic())
         return info
 
     def _remove_tmp(self) -> None:
@@ -456,6 +461,9 @@ class RbdStore(Store):
         self.rados: Any = None
         self.rbd: Any = None
         self._stats: dict[str, tuple[float, ImageInfo]] = {}
+        #: name -> (image id, has the snapshot ``snap``, monotonic time seen): for ``location``,
+        #: trusted for ``stat_ttl`` like the other image facts (others may add the snapshot)
+        self._snapped: dict[str, tuple[str, bool, float]] = {}
         self._handles: OrderedDict[tuple[str, str], _Handle] = OrderedDict()
 
     @classmethod
@@ -615,6 +623,7 @@ class RbdStore(Store):
     def _info(self, name: str, image: Any) -> ImageInfo:
         meta = {k[len(META_PREFIX):]: v for k, v in image.metadata_list()
                 if k.startswith(META_PREFIX) and k != RESTORE_KEY}
+        self._note_snap(name, image)
         return ImageInfo(name=name, size=image.size(),
                          mtime=meta_mtime(meta, _timestamp(image.create_timestamp())),
                          mode=meta_mode(meta), version=image.id(), meta=meta)
@@ -633,6 +642,34 @@ class RbdStore(Store):
     def _forget(self, name: str) -> None:
         with self._lock:
             self._stats.pop(name, None)
+            self._snapped.pop(name, None)
+
+    def _note_snap(self, name: str, image: Any) -> bool:
+        """Remember whether ``image`` (open, called ``name``) has Glance's snapshot (read from
+        the header the open loaded: no extra round trip)."""
+        has = any(s["name"] == SNAP for s in image.list_snaps())
+        with self._lock:
+            if len(self._snapped) >= 4096:
+                self._snapped.pop(next(iter(self._snapped)))
+            self._snapped[name] = (image.id(), has, time.monotonic())
+        return has
+
+    def _has_glance_snap(self, name: str) -> bool:
+        """Whether the image now called ``name`` has the snapshot ``snap``: remembered per
+        image id for ``stat_ttl`` (one small read to check the id), else read from the image."""
+        image_id = self._image_id(name)
+        with self._lock:
+            hit = self._snapped.get(name)
+        if hit is not None and hit[0] == image_id and \
+                time.monotonic() - hit[2] < self.stat_ttl:
+            return hit[1]
+        image = self._open_image(name)
+        try:
+            return self._note_snap(name, image)
+        except Exception as e:
+            raise self._err(e, f"{self.id}/{name}: snapshots") from None
+        finally:
+            self._close_image(image)
 
     def _stat_fresh(self, name: str) -> ImageInfo:
         image = self._open_image(name)
@@ -992,12 +1029,16 @@ class RbdStore(Store):
         return info
 
     def location(self, name: str) -> str:
-        parts = [self.fsid, self.pool]
+        """Glance's ``rbd://fsid/pool/image/snap``, for images that have that snapshot (may
+        read the image: call from a worker thread); ``Unsupported`` otherwise, since
+        glance_store has no form for them (see the module docstring)."""
         if self.namespace:
-            parts.append(self.namespace)
-        parts.append(name)
-        if self.glance_layout:
-            parts.append(SNAP)
+            raise Unsupported(f"store {self.id} uses RBD namespace {self.namespace!r}, which "
+                              f"Glance's rbd:// locations cannot name")
+        if not self._has_glance_snap(name):
+            raise Unsupported(f"{self.id}/{name} has no snapshot {SNAP!r}, which is what "
+                              f"Glance reads (a glance_layout store makes it at publish)")
+        parts = [self.fsid, self.pool, name, SNAP]
         return "rbd://" + "/".join(urllib.parse.quote(p, safe="") for p in parts)
 
     # ------------------------------------------------------------------ housekeeping

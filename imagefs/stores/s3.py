@@ -36,6 +36,11 @@ Errors
     botocore's own retry configuration ("standard" mode) retries what is safe; each attempt is
     bounded by ``timeout``, so a dead endpoint ends in ``BackendError`` (EIO), never a hang.
     The secret is read from ``secret_access_key_file`` and never logged.
+
+Locations
+    ``location`` is Glance's s3:// form without credentials; ``glance_location`` adds them
+    (``s3://ACCESS:SECRET@host/bucket/key``, all glance_store's S3 driver reads from) and is
+    served to root only. Keys glance_store cannot name (with '/' or '@') have neither.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 from imagefs.config import Option
 from imagefs.stores.base import (
@@ -64,8 +69,10 @@ from imagefs.stores.base import (
     OptionError,
     ReadOnly,
     Store,
+    Unsupported,
     Upload,
     check_name,
+    glance_literal,
     is_hidden,
     meta_mode,
     meta_mtime,
@@ -866,16 +873,63 @@ class S3Store(Store):
         return removed
 
     # ------------------------------------------------------------------ discovery
-    def location(self, name: str) -> str:
-        """Glance's s3 store form: ``s3://host/bucket/key`` (``s3+http`` for plain HTTP)."""
+    def _glance_base(self) -> str:
+        """``scheme://host`` as glance_store's S3 driver writes it: ``s3+https`` for an https
+        endpoint, ``s3`` for any other (it says ``s3://`` of http hosts too, and connects to
+        its own ``s3_store_host`` whatever the location says); AWS: ``s3.amazonaws.com``."""
         url = self.options.get("endpoint_url")
-        if url:
-            parts = urlsplit(url)
-            scheme = "s3+http" if parts.scheme == "http" else "s3"
-            host = parts.netloc.rsplit("@", 1)[-1] + parts.path.rstrip("/")
-        else:
-            scheme, host = "s3", "s3.amazonaws.com"
-        return f"{scheme}://{host}/{self.bucket}/{quote(self._key(name))}"
+        if not url:
+            return "s3+https://s3.amazonaws.com"
+        parts = urlsplit(url)
+        scheme = "s3+https" if parts.scheme == "https" else "s3"
+        return f"{scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path.rstrip('/')}"
+
+    def _glance_path(self, name: str) -> str:
+        """``bucket/key``, verbatim as glance_store reads it: it takes the last two parts of
+        the path for bucket and key and decodes nothing, so a key with '/' (a prefix such as
+        "glance/images/") or '@' has no Glance location (``Unsupported``)."""
+        return f"{self.bucket}/{glance_literal(self._key(name), 'S3 key', also='@')}"
+
+    def location(self, name: str) -> str:
+        """Glance's S3 location without its credentials: ``s3://host/bucket/key``. Enough to
+        say where the image is; glance_store itself can read only ``glance_location``."""
+        return f"{self._glance_base()}/{self._glance_path(name)}"
+
+    def glance_location(self, name: str) -> str:
+        """``s3://ACCESS:SECRET@host/bucket/key``, the location glance_store 4.1 writes and
+        reads: its driver takes credentials only from the location. Root only (see
+        ``Store.glance_location``); credentials as this store uses them (``access_key_id`` and
+        its secret file, else the profile or AWS environment boto3 resolves)."""
+        access, secret = self._glance_credentials()
+        for what, value, bad in (("access key id", access, ":@/?#"),
+                                 ("secret access key", secret, ":@?#")):
+            if not value or any(c in value for c in bad) or \
+                    any(ord(c) < 0x21 or ord(c) == 0x7f for c in value):
+                raise Unsupported(f"store {self.id}: the {what} cannot be written in a Glance "
+                                  f"location (glance_store splits it at ':', '@', '?', '#')")
+        scheme, host = self._glance_base().split("://", 1)
+        return f"{scheme}://{access}:{secret}@{host}/{self._glance_path(name)}"
+
+    def _glance_credentials(self) -> tuple[str, str]:
+        """The key pair this store signs with, read afresh (the secret is kept nowhere)."""
+        o = self.options
+        if o.get("access_key_id"):
+            try:
+                with open(o["secret_access_key_file"]) as f:
+                    return o["access_key_id"], f.read().strip()
+            except OSError as e:
+                raise BackendError(f"store {self.id}: cannot read secret_access_key_file: "
+                                   f"{e.strerror}") from None
+        import boto3
+
+        creds = boto3.session.Session(profile_name=o.get("profile")).get_credentials()
+        if creds is None:
+            raise Unsupported(f"store {self.id}: no credentials to write in a Glance location")
+        frozen = creds.get_frozen_credentials()
+        if frozen.token:
+            raise Unsupported(f"store {self.id}: temporary credentials (a session token) "
+                              f"cannot be written in a Glance location")
+        return frozen.access_key, frozen.secret_key
 
     def properties(self) -> dict[str, str]:
         props = {"bucket": self.bucket, "prefix": self.prefix}

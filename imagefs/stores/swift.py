@@ -78,6 +78,22 @@ Listing
     entry, in parallel, and remembers the result keyed by the listing's (hash, last_modified,
     bytes). A metadata POST changes ``last_modified`` in the listing (Swift and RGW both), so the
     key is an exact change detector: after the first listing only changed entries cost a HEAD.
+
+Dynamic Large Objects (Glance's large images)
+    glance_store's Swift driver writes an image above ``swift_store_large_object_size`` as a
+    DLO: segments ``<id>-00001``... in the same container and a 0-byte manifest whose
+    ``X-Object-Manifest: <container>/<prefix>`` makes the image the concatenation, in name order,
+    of the objects under that prefix. Size and version (the md5 of the segments' ETags, on Swift
+    and RGW alike) come from a full HEAD; reads go to the segments, pinned as an SLO's are (see
+    ``_segment_map``). Listings leave out the objects a listed DLO of the container uses, and a
+    remembered DLO is HEADed again when its segments' listing keys change. Deleting, writing
+    or renaming (from or onto) a name under a DLO's prefix is refused (``Busy``): it would change
+    that image. Deleting a DLO deletes its manifest, then its segments; replacing one (upload or
+    rename onto its name) deletes them after the publish; segments another manifest covers too
+    are kept, and so are segments in other containers. metadata POSTs re-send the manifest
+    header (Swift drops it otherwise). The checks find manifests among the 0-byte entries of
+    a listing (a manifest's own body is empty: Swift ignores it, Glance and the swift CLI write
+    none), so they cost one listing and HEADs only of 0-byte objects not seen before.
 """
 
 from __future__ import annotations
@@ -105,6 +121,7 @@ from imagefs.config import Option
 from imagefs.stores.base import (
     HIDDEN_PREFIX,
     BackendError,
+    Busy,
     Changed,
     ImageInfo,
     InvalidName,
@@ -116,6 +133,7 @@ from imagefs.stores.base import (
     StoreError,
     Upload,
     check_name,
+    glance_literal,
     is_hidden,
     meta_mode,
     meta_mtime,
@@ -222,6 +240,28 @@ def _kept_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {"X-Object-Manifest": manifest} if manifest else {}
 
 
+@dataclass(frozen=True)
+class _Dlo:
+    """A Dynamic Large Object's manifest: the image is the concatenation, in name order, of
+    the objects of ``container`` whose names start with ``prefix``."""
+
+    container: str
+    prefix: str
+
+    def covers(self, container: str, name: str) -> bool:
+        return container == self.container and name.startswith(self.prefix)
+
+
+def _dlo_of(headers: Mapping[str, str]) -> _Dlo | None:
+    """The DLO a HEAD describes, from ``X-Object-Manifest: <container>/<prefix>`` (URL-decoded,
+    as Swift's dlo middleware reads it), or None for anything else."""
+    value = headers.get("x-object-manifest")
+    if not value or "/" not in value:
+        return None
+    container, prefix = urllib.parse.unquote(value).split("/", 1)
+    return _Dlo(container, prefix) if container else None
+
+
 def _meta_of(headers: Mapping[str, str], keep_server: bool = False) -> dict[str, str]:
     """User metadata from headers; ``keep_server`` keeps the server's own flags, which a POST
     (it replaces all user metadata) must send back: RGW forgets an SLO flag left out."""
@@ -232,12 +272,14 @@ def _meta_of(headers: Mapping[str, str], keep_server: bool = False) -> dict[str,
 
 @dataclass(frozen=True)
 class _SegmentMap:
-    """The segments of one SLO version, in order: where each starts, its size, name, ETag."""
+    """The segments of one SLO or DLO version, in order: where each starts, its size, name,
+    ETag, and the container holding them."""
 
     starts: list[int]
     sizes: list[int]
     names: list[str]
     etags: list[str]
+    container: str
 
 
 class _Segment:
@@ -488,10 +530,11 @@ class SwiftUpload(Upload):
         headers = _meta_headers({k: v for k, v in user_meta(meta).items()
                                  if not k.startswith("imagefs_")})
         old_group: str | None = None
+        old_dlo: _Dlo | None = None
         replace_uid: str | None = None
         try:
             self._check_failed()
-            old_group = st._group_of_existing(self.name)
+            old_group, old_dlo = st._group_of_existing(self.name)
             if old_group is not None and old_group != self.group:
                 replace_uid = new_owner_id()
                 st._put_marker(replace_uid, {"op": "replace", "image": self.name,
@@ -502,7 +545,7 @@ class SwiftUpload(Upload):
                 info = self._commit_slo(headers)
         except BaseException:
             if self.published:
-                self._after_publish(old_group, replace_uid)
+                self._after_publish(old_group, replace_uid, old_dlo)
             else:
                 self.state = "failed"
                 if self.unknown:  # it may be visible yet: cleanup_leftovers decides
@@ -515,11 +558,13 @@ class SwiftUpload(Upload):
                     if replace_uid is not None:  # nothing was replaced after all
                         st._delete_quietly(st.segment_container, PENDING_PREFIX + replace_uid)
             raise
-        self._after_publish(old_group, replace_uid)
+        self._after_publish(old_group, replace_uid, old_dlo)
         return info
 
-    def _after_publish(self, old_group: str | None, replace_uid: str | None) -> None:
-        """The image is published: drop the markers and the replaced image's segments."""
+    def _after_publish(self, old_group: str | None, replace_uid: str | None,
+                       old_dlo: _Dlo | None = None) -> None:
+        """The image is published: drop the markers and the replaced image's segments (an
+        SLO's group, or a replaced DLO's segments, which would otherwise show as images)."""
         self.state = "published"
         st = self.store
         st._forget(self.name)
@@ -530,6 +575,8 @@ class SwiftUpload(Upload):
                 st._delete_quietly(st.segment_container, PENDING_PREFIX + self.uid)
             if replace_uid is not None and old_group is not None:
                 st._drop_group(old_group, replace_uid, exclude=self.name)
+            if old_dlo is not None:
+                st._drop_dlo_segments(old_dlo, exclude=self.name)
         except StoreError as e:  # the next mount's clean-up finishes the job
             log.warning("%s: clean-up after publishing: %s", self._what(), e)
 
@@ -612,7 +659,7 @@ class SwiftUpload(Upload):
         assert parsed is not None
         info, group, is_slo = parsed
         with self.store._lock:
-            self.store._heads[self.name] = (info.version, info.size, group)
+            self.store._heads[self.name] = (info.version, info.size, group, None)
         if info.version != etag or (slo and group != self.group):
             raise BackendError(f"{self._what()}: replaced by another writer right after "
                                f"publishing (ETag {info.version}, ours {etag})")
@@ -752,16 +799,19 @@ class SwiftStore(Store):
         self._conns: list[Any] = []
         self._ssl: ssl.SSLContext | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._cache: dict[str, tuple[tuple[Any, ...], ImageInfo, str | None]] = {}
+        #: name -> (listing key, info, segment group, DLO, DLO segments' fingerprint)
+        self._cache: dict[str, tuple[tuple[Any, ...], ImageInfo, str | None, _Dlo | None,
+                                     str | None]] = {}
         self._if_match = True
         #: (name, version) -> (map or None, monotonic time it was built)
         self._segment_maps: dict[tuple[str, str], tuple[_SegmentMap | None, float]] = {}
         #: one lock per (name, version) being mapped: unrelated images never wait for each other
         self._map_locks: dict[tuple[str, str], threading.Lock] = {}
-        #: name -> (version, size, segment group) of the last HEAD, for the segment map.
-        self._heads: dict[str, tuple[str, int, str | None]] = {}
+        #: name -> (version, size, segment group, DLO) of the last HEAD, for the segment map.
+        self._heads: dict[str, tuple[str, int, str | None, _Dlo | None]] = {}
         self._sc: Any = None
         self._ClientException: type[Exception] = Exception
+        _import_client_here()
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -1076,19 +1126,27 @@ class SwiftStore(Store):
         return h, parsed
 
     def _head(self, name: str, newest: bool = False) -> tuple[ImageInfo, str | None, bool]:
-        _, (info, group, is_slo) = self._head_headers(name, newest)
+        return self._head_full(name, newest)[:3]
+
+    def _head_full(self, name: str, newest: bool = False
+                   ) -> tuple[ImageInfo, str | None, bool, _Dlo | None]:
+        """``_head`` and the DLO the object is, if it is one."""
+        h, (info, group, is_slo) = self._head_headers(name, newest)
+        dlo = _dlo_of(h)
         with self._lock:
             if len(self._heads) >= 1024:
                 self._heads.pop(next(iter(self._heads)))
-            self._heads[name] = (info.version, info.size, group)
-        return info, group, is_slo
+            self._heads[name] = (info.version, info.size, group, dlo)
+        return info, group, is_slo, dlo
 
-    def _group_of_existing(self, name: str) -> str | None:
-        """The segment group of the image now called ``name``, if it is one of our SLOs."""
+    def _group_of_existing(self, name: str) -> tuple[str | None, _Dlo | None]:
+        """The segment group of the image now called ``name`` if it is one of our SLOs, and
+        its DLO if it is one (replacing it must not leave its segments behind as images)."""
         try:
-            return self._head(name, newest=True)[1]
+            _, group, _, dlo = self._head_full(name, newest=True)
         except NotFound:
-            return None
+            return None, None
+        return group, dlo
 
     def _iter_container(self, container: str, prefix: str | None = None
                         ) -> Iterator[list[dict[str, Any]]]:
@@ -1189,50 +1247,167 @@ class SwiftStore(Store):
             raise ReadOnly(f"store {self.id} is read-only")
 
     # ------------------------------------------------------------------ reading
-    def _listing(self) -> Iterator[tuple[ImageInfo, str | None]]:
-        """Every image with its segment group, HEADing only entries that changed."""
-        seen: set[str] = set()
+    def _listing(self, hide_segments: bool = False
+                 ) -> Iterator[tuple[ImageInfo, str | None]]:
+        """Every image with its segment group (see ``_scan``)."""
+        for info, group, _dlo in self._scan(hide_segments):
+            yield info, group
+
+    def _entries(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """Every object of the container as (name, listing key), in name order. The key
+        (hash, last_modified, bytes) changes with every PUT and POST of the object."""
+        every = [(str(o["name"]), (o.get("hash"), o.get("last_modified"), o.get("bytes")))
+                 for page in self._iter_container(self.container) for o in page
+                 if o.get("name")]
+        every.sort()  # the servers' byte order is code point order; sorted() makes sure
+        return every
+
+    @staticmethod
+    def _covered(every: list[tuple[str, tuple[Any, ...]]], names: list[str], prefix: str
+                 ) -> list[tuple[str, tuple[Any, ...]]]:
+        """The entries of ``every`` (sorted, ``names`` its names) whose names start with
+        ``prefix``: a DLO's segments as this listing sees them."""
+        i = bisect.bisect_left(names, prefix)
+        j = i
+        while j < len(names) and names[j].startswith(prefix):
+            j += 1
+        return every[i:j]
+
+    def _scan(self, hide_segments: bool = True
+              ) -> list[tuple[ImageInfo, str | None, _Dlo | None]]:
+        """Every image with its segment group and DLO, HEADing only entries that changed.
+
+        A listing has no user metadata (and on RGW no SLO or DLO sizes), so each entry is
+        HEADed once and remembered by its listing key. A DLO's bytes change when its segments
+        do, not its manifest, so a remembered DLO also keeps a fingerprint of its segments'
+        listing keys (segments in this container; a DLO whose segments are elsewhere is HEADed
+        every time). ``hide_segments``: leave out the objects a listed DLO of this container
+        uses as segments (Glance's ``<id>-00001``...), as SLO segments never show: they are
+        parts of an image, not images.
+        """
+        every = self._entries()
+        names = [n for n, _ in every]
+
+        def fingerprint(dlo: _Dlo | None) -> str | None:
+            if dlo is None or dlo.container != self.container:
+                return None
+            return hashlib.md5(repr(self._covered(every, names, dlo.prefix)).encode(),
+                               usedforsecurity=False).hexdigest()
+
+        found: dict[str, tuple[ImageInfo, str | None, _Dlo | None]] = {}
+        todo: dict[str, tuple[tuple[Any, ...], Any]] = {}
         pool = self._pool
-        for page in self._iter_container(self.container):
-            todo: list[Any] = []
-            for entry in page:
-                name = entry.get("name")
-                if not name or is_hidden(name):
-                    continue
-                try:
-                    check_name(name)
-                except InvalidName:
-                    continue  # names with '/', too long...: not images of a flat store
-                key = (entry.get("hash"), entry.get("last_modified"), entry.get("bytes"))
-                seen.add(name)
-                with self._lock:
-                    hit = self._cache.get(name)
-                if hit is not None and hit[0] == key:
-                    todo.append((hit[1], hit[2]))
-                elif pool is not None:
-                    todo.append(pool.submit(self._head_for_listing, name, key))
-                else:
-                    todo.append(self._head_for_listing(name, key))
-            for item in todo:
-                if isinstance(item, concurrent.futures.Future):
-                    item = item.result()
-                if item is not None:
-                    yield item
+        for name, key in every:
+            if is_hidden(name):
+                continue
+            try:
+                check_name(name)
+            except InvalidName:
+                continue  # names with '/', too long...: not images of a flat store
+            with self._lock:
+                hit = self._cache.get(name)
+            if hit is not None and hit[0] == key and (
+                    hit[3] is None or (hit[4] is not None and hit[4] == fingerprint(hit[3]))):
+                found[name] = (hit[1], hit[2], hit[3])
+            elif pool is not None:
+                todo[name] = (key, pool.submit(self._head_for_listing, name))
+            else:
+                todo[name] = (key, self._head_for_listing(name))
+        for name, (key, item) in todo.items():
+            if isinstance(item, concurrent.futures.Future):
+                item = item.result()
+            if item is None:
+                continue  # deleted since the listing
+            found[name] = item
+            with self._lock:
+                self._cache[name] = (key, *item, fingerprint(item[2]))
+        seen = set(names)
         with self._lock:
             self._cache = {n: v for n, v in self._cache.items() if n in seen}
+        segments: set[str] = set()
+        if hide_segments:
+            for name, (_info, _group, dlo) in found.items():
+                if dlo is not None and dlo.container == self.container:
+                    segments.update(n for n, _ in self._covered(every, names, dlo.prefix)
+                                    if n != name)
+        return [found[n] for n in names if n in found and n not in segments]
 
-    def _head_for_listing(self, name: str, key: tuple[Any, ...]
-                          ) -> tuple[ImageInfo, str | None] | None:
+    def _head_for_listing(self, name: str
+                          ) -> tuple[ImageInfo, str | None, _Dlo | None] | None:
         try:
-            info, group, _ = self._head(name)
+            info, group, _, dlo = self._head_full(name)
         except NotFound:
-            return None  # deleted since the listing
-        with self._lock:
-            self._cache[name] = (key, info, group)
-        return info, group
+            return None
+        return info, group, dlo
+
+    def _dlo_manifests(self) -> dict[str, _Dlo]:
+        """Every DLO manifest of the container (name -> DLO), for the checks before a write,
+        rename or delete: one listing, and a HEAD of the manifest alone only for entries not
+        remembered by their listing key that list 0 bytes. A DLO manifest's own body is empty
+        (Swift ignores it; Glance and the swift CLI write none), which the listing shows, so
+        the images themselves are never HEADed here."""
+        out: dict[str, _Dlo] = {}
+        for name, key in self._entries():
+            with self._lock:
+                hit = self._cache.get(name)
+            if hit is not None and hit[0] == key:
+                dlo = hit[3]
+            elif key[2] in (0, "0"):
+                try:
+                    h = self._call(f"{name}: HEAD", "head_object", self.container, name,
+                                   query_string="multipart-manifest=get")
+                except NotFound:
+                    continue
+                dlo = _dlo_of(h)
+            else:
+                continue
+            if dlo is not None:
+                out[name] = dlo
+        return out
+
+    def _refuse_if_segment(self, name: str, what: str, manifests: Mapping[str, _Dlo] | None
+                           = None) -> None:
+        """Busy (EBUSY) if ``name`` is, or would become, a segment of a DLO of the container:
+        deleting, replacing or renaming it would change that image's bytes under Glance."""
+        manifests = self._dlo_manifests() if manifests is None else manifests
+        users = sorted(m for m, dlo in manifests.items()
+                       if m != name and dlo.covers(self.container, name))
+        if users:
+            log.warning("store %s: refusing to %s %s: it is a segment of the large object%s "
+                        "%s (X-Object-Manifest %s/%s)", self.id, what, name,
+                        "s" if len(users) > 1 else "", ", ".join(users[:5]),
+                        manifests[users[0]].container, manifests[users[0]].prefix)
+            raise Busy(f"{self.id}/{name} is a segment of {', '.join(users[:5])}")
+
+    def _drop_dlo_segments(self, dlo: _Dlo, exclude: str) -> None:
+        """Delete the segments of a DLO whose manifest ``exclude`` was just deleted or
+        replaced, except those another manifest still covers (a copy of the manifest shares
+        them). Segments in another container are left alone: manifests there cannot be
+        checked from this store."""
+        if dlo.container != self.container:
+            log.info("store %s: %s was a large object with segments in container %s: they "
+                     "are kept", self.id, exclude, dlo.container)
+            return
+        others = [d for m, d in self._dlo_manifests().items() if m != exclude]
+        todo = [n for page in self._iter_container(self.container, prefix=dlo.prefix)
+                for n in (str(o.get("name", "")) for o in page)
+                if n and n != exclude and not any(d.covers(self.container, n) for d in others)]
+        if not todo:
+            return
+        if self._pool is not None and len(todo) > 1:
+            results = list(self._pool.map(lambda o: self._gone(self.container, o), todo))
+        else:
+            results = [self._gone(self.container, o) for o in todo]
+        self._forget(*todo)
+        if -1 in results:
+            log.warning("store %s: %d of %d segments of %s (%s/%s*) could not be deleted: they "
+                        "now show as images", self.id, results.count(-1), len(todo), exclude,
+                        dlo.container, dlo.prefix)
+        else:
+            log.info("store %s: deleted the %d segments of %s", self.id, len(todo), exclude)
 
     def list(self) -> Iterator[ImageInfo]:
-        for info, _group in self._listing():
+        for info, _group, _dlo in self._scan(hide_segments=True):
             yield info
 
     def stat(self, name: str) -> ImageInfo:
@@ -1248,8 +1423,9 @@ class SwiftStore(Store):
         return self._read_object(name, version, offset, length)
 
     def _segment_map(self, name: str, version: str) -> _SegmentMap | None:
-        """Where the bytes of imagefs's SLO ``name`` at ``version`` lie, or None to read
-        through the manifest (plain objects, foreign SLOs, a listing that does not add up).
+        """Where the bytes of imagefs's SLO or of the DLO ``name`` at ``version`` lie, or None
+        to read through the manifest (plain objects, foreign SLOs, a listing that does not add
+        up).
 
         Ranged GETs of the segments themselves skip the server's manifest resolution on every
         read: RGW serves SLO ranges at half the speed of plain objects, Swift at two thirds.
@@ -1258,6 +1434,12 @@ class SwiftStore(Store):
         the image's, each segment name holds a unique upload id (never overwritten), and every
         segment GET carries If-Match on that segment's ETag. Once a replaced image's segments
         are deleted, reads raise ``Changed``; until then they serve the old version, whole.
+
+        A DLO (Glance's large images) is read the way Swift reads it, the objects under its
+        manifest's prefix in name order, with the same check: its ETag (Swift's and RGW's
+        alike) is the md5 of those objects' ETags. Its segment names are not unique, but a
+        segment replaced fails its If-Match and one deleted its GET: ``Changed``, never a mix.
+        (RGW refuses If-Match on ranged GETs of a DLO, so this is also its only pinned read.)
         """
         key = (name, version)
         hit = self._cached_map(key)
@@ -1278,18 +1460,20 @@ class SwiftStore(Store):
                 seen = self._heads.get(name)
             if seen is None or seen[0] != version:  # stat() before open() usually saw it
                 try:
-                    info, group, _ = self._head(name)
+                    info, group, _, dlo = self._head_full(name)
                 except NotFound:  # deleted while open: EIO like any change, not ENOENT
                     raise Changed(f"{self.id}/{name} changed since it was opened") from None
                 if info.version != version:
                     raise Changed(f"{self.id}/{name} changed since it was opened")
-                seen = (info.version, info.size, group)
-            smap = self._build_segment_map(name, version, size=seen[1], group=seen[2])
+                seen = (info.version, info.size, group, dlo)
+            smap = self._build_segment_map(name, version, size=seen[1], group=seen[2],
+                                           dlo=seen[3])
             with self._lock:
                 if len(self._segment_maps) >= 256:
                     self._segment_maps.pop(next(iter(self._segment_maps)))
-                # a group whose listing did not add up may only lag: None is retried later
-                self._segment_maps[key] = (smap, time.monotonic() if seen[2] else float("inf"))
+                # a listing that did not add up may only lag: None is retried later
+                retry = seen[2] is not None or seen[3] is not None
+                self._segment_maps[key] = (smap, time.monotonic() if retry else float("inf"))
             return smap
         finally:
             lock.release()
@@ -1312,16 +1496,28 @@ class SwiftStore(Store):
                 return None
             return (smap,)
 
-    def _build_segment_map(self, name: str, version: str, size: int, group: str | None
-                           ) -> _SegmentMap | None:
-        """The segment map if ``group``'s listing adds up to ``version`` and ``size``."""
-        if group is None:
+    def _build_segment_map(self, name: str, version: str, size: int, group: str | None,
+                           dlo: _Dlo | None = None) -> _SegmentMap | None:
+        """The segment map if the listing of ``group`` (our SLO) or of ``dlo``'s prefix adds
+        up to ``version`` and ``size``. A DLO's empty segments count in its ETag only."""
+        if group is not None:
+            container, prefix = self.segment_container, group + "/"
+        elif dlo is not None:
+            container, prefix = dlo.container, dlo.prefix
+        else:
             return None
-        entries = [o for page in self._iter_container(self.segment_container,
-                                                      prefix=group + "/") for o in page]
+        try:
+            entries = [o for page in self._iter_container(container, prefix=prefix)
+                       for o in page if o.get("name")]
+        except NotFound:  # a DLO naming a container that is gone
+            entries = []
         etags = [str(o.get("hash", "")).strip('"') for o in entries]
         sizes = [int(o.get("bytes", -1)) for o in entries]
         digest = hashlib.md5("".join(etags).encode(), usedforsecurity=False).hexdigest()
+        if group is None:  # DLO: its empty segments add no bytes
+            keep = [i for i, n in enumerate(sizes) if n != 0]
+            entries, etags, sizes = ([entries[i] for i in keep], [etags[i] for i in keep],
+                                     [sizes[i] for i in keep])
         if not entries or digest != version or sum(sizes) != size or min(sizes) <= 0:
             log.debug("store %s: segments of %s do not add up to version %s; reading "
                       "through the manifest", self.id, name, version)
@@ -1329,7 +1525,7 @@ class SwiftStore(Store):
         starts = [0]
         for n in sizes[:-1]:
             starts.append(starts[-1] + n)
-        return _SegmentMap(starts, sizes, [o["name"] for o in entries], etags)
+        return _SegmentMap(starts, sizes, [o["name"] for o in entries], etags, container)
 
     def _read_segments(self, name: str, smap: _SegmentMap, offset: int, length: int) -> bytes:
         total = smap.starts[-1] + smap.sizes[-1]
@@ -1339,7 +1535,7 @@ class SwiftStore(Store):
         while offset < end:
             start, size = smap.starts[i], smap.sizes[i]
             n = min(end, start + size) - offset
-            parts.append(self._get_range(self.segment_container, smap.names[i], smap.etags[i],
+            parts.append(self._get_range(smap.container, smap.names[i], smap.etags[i],
                                          offset - start, n, what=f"{name} (segment {i})",
                                          changed=f"{self.id}/{name}"))
             offset += n
@@ -1433,6 +1629,7 @@ class SwiftStore(Store):
     def upload(self, name: str, size_hint: int | None = None) -> Upload:
         self._writable()
         check_name(name)
+        self._refuse_if_segment(name, "write")
         return SwiftUpload(self, name, size_hint)
 
     def rename(self, old: str, new: str) -> ImageInfo:
@@ -1442,12 +1639,20 @@ class SwiftStore(Store):
         before the copy (``op = "rename"``) lets the next mount finish a rename cut short by a
         crash; any other failure after the copy removes the copy again (a plain DELETE: the
         segments belong to ``old``) unless ``old`` is already gone.
+
+        A DLO is renamed the same way (its manifest is copied, its segments stay); a DLO
+        replaced by the rename loses its segments, unless another manifest uses them. A
+        segment of a DLO is never renamed, and nothing is renamed onto a DLO's prefix (Busy).
         """
         self._writable()
         check_name(old)
         check_name(new)
-        src, group, is_slo = self._head(old, newest=True)
-        target_group = self._group_of_existing(new)
+        src, group, is_slo, dlo = self._head_full(old, newest=True)
+        manifests = self._dlo_manifests()
+        self._refuse_if_segment(old, "rename", manifests)
+        if new != old:
+            self._refuse_if_segment(new, "rename onto", manifests)
+        target_group, target_dlo = self._group_of_existing(new)
         replaces = target_group is not None and target_group != group
         uid = None
         if group is not None or replaces:
@@ -1457,9 +1662,11 @@ class SwiftStore(Store):
         source = "/" + urllib.parse.quote(self.container, safe="") + "/" + \
             urllib.parse.quote(old, safe="")
         try:
+            # the manifest itself, not the concatenation, for an SLO and for a DLO
             self._call(f"{old} -> {new}: copy", "put_object", self.container, new, None,
                        headers={"X-Copy-From": source},
-                       query_string="multipart-manifest=get" if is_slo else None, write=True)
+                       query_string="multipart-manifest=get" if is_slo or dlo else None,
+                       write=True)
             info, _, _ = self._head(new, newest=True)
             if info.version != src.version or info.size != src.size:
                 raise BackendError(f"store {self.id}: rename {old} -> {new}: the copy differs "
@@ -1471,6 +1678,8 @@ class SwiftStore(Store):
                 pass
         except BaseException:
             self._forget(old, new)
+            if dlo is not None:
+                self._undo_dlo_copy(old, new, dlo)
             if group is not None and not self._undo_copy(old, new, group):
                 raise  # the marker stays: the next mount settles it
             if uid is not None:
@@ -1487,7 +1696,27 @@ class SwiftStore(Store):
                 self._drop_group(target_group, uid, exclude=new)
             else:
                 self._delete_quietly(self.segment_container, PENDING_PREFIX + uid)
+        if target_dlo is not None and target_dlo != dlo and old != new:
+            try:
+                self._drop_dlo_segments(target_dlo, exclude=old)
+            except StoreError as e:
+                log.warning("store %s: segments of the large object %s replaced by a rename: "
+                            "%s", self.id, new, e)
         return info
+
+    def _undo_dlo_copy(self, old: str, new: str, dlo: _Dlo) -> None:
+        """After a failed rename of a DLO: if ``old`` is still there, a manifest at ``new`` with
+        the same prefix is our copy: plain-DELETE it (the segments stay ``old``'s)."""
+        try:
+            self._head(old, newest=True)
+            if self._head_full(new, newest=True)[3] == dlo:
+                self._call(f"{new}: DELETE (undo the copy)", "delete_object", self.container,
+                           new, write=True)
+        except NotFound:
+            pass
+        except StoreError as e:
+            log.warning("store %s: rename %s -> %s: could not undo the copy: %s", self.id, old,
+                        new, e)
 
     def _copy_exists(self, name: str, group: str | None) -> bool:
         """Whether ``name`` holds a manifest of ``group`` (None: unknown, so yes)."""
@@ -1521,9 +1750,19 @@ class SwiftStore(Store):
             return False
 
     def delete(self, name: str) -> None:
+        """Plain objects: one DELETE. SLOs: the manifest and its segment group (kept if another
+        manifest uses it). DLOs: the manifest, then its segments (those in this container that
+        no other manifest covers). A segment of a DLO is refused (Busy)."""
         self._writable()
         check_name(name)
-        info, group, is_slo = self._head(name, newest=True)
+        info, group, is_slo, dlo = self._head_full(name, newest=True)
+        self._refuse_if_segment(name, "delete")
+        if dlo is not None:
+            self._call(f"{name}: DELETE (large object manifest)", "delete_object",
+                       self.container, name, write=True)
+            self._forget(name)
+            self._drop_dlo_segments(dlo, exclude=name)
+            return
         if not is_slo:
             self._call(f"{name}: DELETE", "delete_object", self.container, name, write=True)
             self._forget(name)
@@ -1727,10 +1966,13 @@ class SwiftStore(Store):
 
         With ``glance_reference``: ``swift+config://REF/container/name`` (Glance's single-tenant
         form, credentials in glance-swift.conf). Otherwise Glance's multi-tenant form, the
-        storage URL itself: ``swift+http://host:port/v1/AUTH_acct/container/name``.
+        storage URL itself: ``swift+http://host:port/v1/AUTH_acct/container/name``, which a
+        single-tenant Glance cannot use (it would take the storage URL for its auth URL) and
+        which has no credentials-free single-tenant equivalent: set ``glance_reference``.
+        Container and name are written verbatim, as glance_store reads them (no decoding).
         """
-        obj = urllib.parse.quote(name, safe="")
-        container = urllib.parse.quote(self.container, safe="")
+        obj = glance_literal(name, "image name")
+        container = glance_literal(self.container, "container")
         ref = self.options.get("glance_reference")
         if ref:
             return f"swift+config://{ref}/{container}/{obj}"
@@ -1760,6 +2002,19 @@ class SwiftStore(Store):
         if self._url:
             props["storage_url"] = self._url
         return props
+
+
+def _import_client_here() -> None:
+    """Import swiftclient in the thread that builds the store (the daemon's main thread), not
+    in the worker thread that opens it. With the OpenStack libraries installed beside it
+    (Debian's glance_store, cinder) swiftclient pulls in keystoneauth1, osprofiler,
+    oslo.concurrency and so eventlet; eventlet 0.33 first imported in a non-main thread makes
+    that thread impossible to join on Python 3.11, and the mount hung in ``open_stores``.
+    Best effort: a missing swiftclient is reported by ``open()``."""
+    try:
+        import swiftclient.client  # noqa: F401
+    except ImportError:
+        pass
 
 
 def _iso_time(value: Any) -> float:

@@ -94,8 +94,10 @@ def test_two_clusters_and_two_pools_in_one_mount(
         mount_factory: Any, ceph: Any, ceph2: Any, rbd_store_table: dict[str, Any],
         rbd2_store_table: dict[str, Any], extra_pool: str, tmp_path: Path) -> None:
     assert ceph.fsid != ceph2.fsid
-    other_pool = rbd_table(ceph, extra_pool)
-    m = mount_factory({"one": rbd_store_table, "two": rbd2_store_table, "pool2": other_pool})
+    other_pool = rbd_table(ceph, extra_pool, stat_ttl=0)
+    one = {**rbd_store_table, "stat_ttl": 0}
+    m = mount_factory({"one": one, "two": {**rbd2_store_table, "glance_layout": True},
+                       "pool2": other_pool})
     src = tmp_path / "src.raw"
     digest = make_file(src, 13 * MiB + 777, "clusters")
     sh("cp", src, m.path("one", "img.raw"))
@@ -109,12 +111,17 @@ def test_two_clusters_and_two_pools_in_one_mount(
         rbd(table, "export", "img.raw", out)
         assert sha256(out) == digest
         out.unlink()
+    # Glance's rbd:// form names the snapshot it reads: none without one (no glance_layout)
+    for sid in ("one", "pool2"):
+        assert "user.imagefs.location" not in os.listxattr(m.path(sid, "img.raw"))
+    for table in (rbd_store_table, other_pool):  # as Glance leaves its images
+        rbd(table, "snap", "create", "img.raw@snap")
     locations = {sid: os.getxattr(m.path(sid, "img.raw"), "user.imagefs.location").decode()
                  for sid in ("one", "two", "pool2")}
     assert locations == {
-        "one": f"rbd://{ceph.fsid}/{rbd_store_table['pool']}/img.raw",
-        "two": f"rbd://{ceph2.fsid}/{rbd2_store_table['pool']}/img.raw",
-        "pool2": f"rbd://{ceph.fsid}/{extra_pool}/img.raw",
+        "one": f"rbd://{ceph.fsid}/{rbd_store_table['pool']}/img.raw/snap",
+        "two": f"rbd://{ceph2.fsid}/{rbd2_store_table['pool']}/img.raw/snap",
+        "pool2": f"rbd://{ceph.fsid}/{extra_pool}/img.raw/snap",
     }
 
 
@@ -132,8 +139,9 @@ def test_namespace_is_a_separate_store(mount_factory: Any, ceph: Any,
     assert os.listdir(m.path("ns")) == ["a.raw"] and os.listdir(m.path("plain")) == ["b.raw"]
     assert listed(rbd_store_table) == ["b.raw"]
     assert rbd_json(rbd_store_table, "ls", "--namespace", "tenant") == ["a.raw"]
-    assert os.getxattr(m.path("ns", "a.raw"), "user.imagefs.location").decode() == \
-        f"rbd://{ceph.fsid}/{rbd_store_table['pool']}/tenant/a.raw"
+    # Glance's rbd:// locations cannot name a namespace: no location rather than a wrong one
+    # (rbd://fsid/pool/tenant/a.raw would be image "tenant", snapshot "a.raw" to Glance)
+    assert "user.imagefs.location" not in os.listxattr(m.path("ns", "a.raw"))
     m.path("ns", "a.raw").unlink()
     assert rbd_json(rbd_store_table, "ls", "--namespace", "tenant") == []
 

@@ -65,8 +65,11 @@ def test_two_s3_stores_and_file_store_copies(mount_factory: Any, ceph: Any, s3_b
     assert keys == ["glance/images/vm.raw"]
     assert sorted(os.listdir(m.path("a"))) == ["back.raw", "vm.raw"]
     assert os.listdir(m.path("b")) == ["vm.raw"]
-    loc = os.getxattr(m.path("b", "vm.raw"), "user.imagefs.location").decode()
-    assert loc == f"s3+http://{ceph.s3_endpoint.split('://')[1]}/{second_bucket}/glance/images/vm.raw"
+    # glance_store takes the last two parts of an s3 location for bucket and key: a key under
+    # "glance/images/" has no Glance form, so no location; without a prefix, Glance's own
+    assert "user.imagefs.location" not in os.listxattr(m.path("b", "vm.raw"))
+    loc = os.getxattr(m.path("a", "vm.raw"), "user.imagefs.location").decode()
+    assert loc == f"s3://{ceph.s3_endpoint.split('://')[1]}/{s3_bucket}/vm.raw"
     assert a["secret_access_key_file"] not in m.log_text()
     assert ceph.s3_secret_key not in m.log_text()
 
