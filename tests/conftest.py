@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.backends.fixtures import *  # noqa: F403
+from tests.kinds.cinder import *  # noqa: F403
 from tests.kinds.file import *  # noqa: F403
 from tests.kinds.rbd import *  # noqa: F403
 from tests.kinds.s3 import *  # noqa: F403
@@ -45,7 +46,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> 
     return rep
 
 
-ALL_KINDS = ["file", "s3", "rbd", "swift", "rgw_swift"]
+ALL_KINDS = ["file", "s3", "rbd", "swift", "rgw_swift", "cinder"]
 _DEFINED = set(globals())
 # A kind runs the common tests once its module in tests/kinds exports ``<kind>_store_table``.
 STORE_KINDS = [k for k in ALL_KINDS if f"{k}_store_table" in _DEFINED]

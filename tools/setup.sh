@@ -12,7 +12,8 @@ RUNTIME="fuse3 libfuse3-dev pkg-config python3 python3-dev python3-venv gcc attr
 TESTING="ceph-mon ceph-osd ceph-common radosgw python3-rados python3-rbd rbd-fuse
  swift swift-proxy swift-account swift-container swift-object memcached nginx-light
  qemu-utils fio rsync attr curl xfsprogs iproute2 procps
- python3-glance-store python3-boto3"
+ python3-glance-store python3-boto3
+ python3-cinder python3-cinderclient rabbitmq-server dmidecode"
 # FUSE peers the benchmarks compare imagefs with (rbd-fuse is in TESTING already)
 BENCH="s3fs rclone"
 want="$RUNTIME"

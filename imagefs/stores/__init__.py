@@ -20,6 +20,7 @@ _TYPES: dict[str, str] = {
     "s3": "imagefs.stores.s3:S3Store",
     "rbd": "imagefs.stores.rbd:RbdStore",
     "swift": "imagefs.stores.swift:SwiftStore",
+    "cinder": "imagefs.stores.cinder:CinderStore",
 }
 
 

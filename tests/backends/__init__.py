@@ -1,33 +1,38 @@
-"""Real backends (Ceph, Swift, nginx) for integration tests and for running by hand.
+"""Real backends (Ceph, Swift, nginx, Cinder) for integration tests and for running by hand.
 
 Tests get them through the fixtures in ``fixtures.py``; ``python -m tests.backends up`` runs
 them by hand. This module knows the set: which backends exist and how to make one, starting
-several in parallel (they are independent, and start-up is mostly waiting), and the state
-file that lets ``env``/``down`` (or a test run, see fixtures.py) use a set started elsewhere.
+several in parallel (start-up is mostly waiting; a backend that runs on another, Cinder on
+Ceph, waits for it inside its own start-up), and the state file that lets ``env``/``down``
+(or a test run, see fixtures.py) use a set started elsewhere.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tests.backends import common
 from tests.backends.ceph import CephCluster, CephInfo
+from tests.backends.cinder import CinderCluster, CinderInfo
 from tests.backends.common import Backend, log
 from tests.backends.nginx import NginxInfo, NginxServer
 from tests.backends.swift import SwiftCluster, SwiftInfo
 
-NAMES = ("ceph", "ceph2", "swift", "nginx")
+NAMES = ("ceph", "ceph2", "swift", "nginx", "cinder")
 STATE_FILE = "state.json"
 INFO_TYPES: dict[str, type] = {
     "ceph": CephInfo,
     "ceph2": CephInfo,
     "swift": SwiftInfo,
     "nginx": NginxInfo,
+    "cinder": CinderInfo,
 }
 
 
@@ -47,7 +52,34 @@ def make(name: str, root: Path, objectstore: str | None = None) -> Backend:
         return SwiftCluster(directory)
     if name == "nginx":
         return NginxServer(directory)
+    if name == "cinder":  # on the "ceph" cluster: see needs()
+        return CinderCluster(directory)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(NAMES)}")
+
+
+def needs(name: str) -> tuple[str, ...]:
+    """The backends backend *name* runs on (they must be started too, and first)."""
+    return make(name, Path("/nonexistent")).needs
+
+
+def with_needs(names: set[str]) -> set[str]:
+    """*names* plus every backend they run on, directly or not."""
+    out: set[str] = set()
+    todo = list(names)
+    while todo:
+        n = todo.pop()
+        if n not in out:
+            out.add(n)
+            todo.extend(needs(n))
+    return out
+
+
+def stop_order(backends: Sequence[Backend]) -> list[list[Backend]]:
+    """Groups to stop one after the other, each in parallel: backends that run on others
+    first (Cinder removes its pool from Ceph on the way out), then the rest."""
+    first = [b for b in backends if b.needs]
+    rest = [b for b in backends if not b.needs]
+    return [g for g in (first, rest) if g]
 
 
 def packages(name: str) -> str:
@@ -56,11 +88,30 @@ def packages(name: str) -> str:
 
 
 def start_many(backends: Sequence[Backend]) -> dict[str, BaseException]:
-    """Start *backends* in parallel; returns the errors of those that failed, by name."""
+    """Start *backends* in parallel; returns the errors of those that failed, by name.
+
+    One that needs another of the set gets a ``resolve`` that waits for it (all run in
+    threads of their own, so the wait cannot starve the pool).
+    """
     t0 = time.monotonic()
     errors: dict[str, BaseException] = {}
+    by_name = {b.name: b for b in backends}
+    futures: dict[str, Future[None]] = {}
+    submitted = threading.Event()
+
+    def resolve(dep: str) -> Any:
+        if dep not in by_name:
+            raise common.BackendError(f"needs backend {dep!r}: start it in the same set")
+        submitted.wait()
+        futures[dep].result()
+        return by_name[dep].info
+
     with ThreadPoolExecutor(max_workers=max(1, len(backends))) as pool:
-        futures = {b.name: pool.submit(b.start) for b in backends}
+        for b in backends:
+            if b.needs:
+                b.resolve = resolve
+            futures[b.name] = pool.submit(b.start)
+        submitted.set()
         for name, fut in futures.items():
             if (e := fut.exception()) is not None:
                 errors[name] = e

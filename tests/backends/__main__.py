@@ -1,13 +1,14 @@
 """Run the test backends by hand.
 
-    python -m tests.backends up   [--only ceph,ceph2,swift,nginx] [--dir DIR] [--detach]
+    python -m tests.backends up   [--only ceph,ceph2,swift,nginx,cinder] [--dir DIR] [--detach]
                                   [--bluestore]
     python -m tests.backends env  [--dir DIR]     # shell `export` lines for the running set
     python -m tests.backends down [--dir DIR]     # stop a detached set
 
 ``up`` stays in the foreground until Ctrl-C or SIGTERM, then stops everything; it records
 the set in ``DIR/state.json`` for ``env`` and ``down``. ``--detach`` runs that same ``up`` in
-the background and returns once the set is up; ``down`` stops it.
+the background and returns once the set is up; ``down`` stops it. A backend that runs on
+another (cinder on ceph) brings it along: ``--only cinder`` starts ceph too.
 ``eval "$(python -m tests.backends env)"`` also sets ``IMAGEFS_USE_BACKENDS``, which makes
 pytest's fixtures use this set instead of starting their own. The default DIR is
 ``$IMAGEFS_BACKENDS_DIR`` or /tmp/imagefs-backends.
@@ -26,7 +27,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from tests.backends import NAMES, STATE_FILE, common, make, read_state, start_many, write_state
+from tests.backends import (
+    NAMES,
+    STATE_FILE,
+    common,
+    make,
+    needs,
+    read_state,
+    start_many,
+    stop_order,
+    with_needs,
+    write_state,
+)
 from tests.backends.common import log
 
 DEFAULT_DIR = os.environ.get("IMAGEFS_BACKENDS_DIR") or "/tmp/imagefs-backends"
@@ -50,6 +62,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     unknown = set(names) - set(NAMES)
     if unknown:
         sys.exit(f"unknown backend(s) {', '.join(sorted(unknown))}; known: {', '.join(NAMES)}")
+    extra = sorted(with_needs(set(names)) - set(names))
+    if extra:
+        log(f"also starting {', '.join(extra)}: {', '.join(sorted(names))} run(s) on it")
+        names += extra
+        args.only = ",".join(names)  # what a detached supervisor is told to start
     if _running(root):
         sys.exit(
             f"a set is already running in {root}: `python -m tests.backends down "
@@ -86,8 +103,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         log(str(e))
         return 1
     finally:
-        with ThreadPoolExecutor(max_workers=len(backends) or 1) as pool:
-            list(pool.map(lambda b: b.stop(), backends))
+        for group in stop_order(backends):
+            with ThreadPoolExecutor(max_workers=len(group)) as pool:
+                list(pool.map(lambda b: b.stop(), group))
         (root / STATE_FILE).unlink(missing_ok=True)
         for b in backends:
             common.remove_tree(b.dir)
@@ -178,7 +196,8 @@ def _tear_down(root: Path) -> None:
         deadline = time.monotonic() + 60
         while common.pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-    for name, entry in state["backends"].items():
+    entries = sorted(state["backends"].items(), key=lambda e: not needs(e[0]))
+    for name, entry in entries:  # those that run on others first (they use them on the way out)
         directory = Path(entry["dir"])
         pids = list(reversed(entry["pids"]))
         if entry.get("ordered_stop", True):  # e.g. radosgw, then OSD, then mon

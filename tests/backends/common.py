@@ -488,9 +488,14 @@ class Backend:
     name = "backend"
     packages = ""  # Debian packages to install, for skip messages
     ordered_stop = True  # stop daemons one at a time, latest first (else all at once)
+    #: Other backends this one runs on (cinder on ceph): started first, stopped after it.
+    needs: tuple[str, ...] = ()
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
+        #: Set by whoever starts it when ``needs`` is not empty: name -> that backend's info
+        #: object, waiting for it to be up (see tests.backends.start_many, fixtures.py).
+        self.resolve: Callable[[str], Any] | None = None
         self.logdir = directory / "log"
         self.daemons: list[Daemon] = []
         self.mounts: list[Path] = []

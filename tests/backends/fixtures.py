@@ -1,11 +1,13 @@
-"""pytest fixtures giving tests real backends: two Ceph clusters, Swift, nginx.
+"""pytest fixtures giving tests real backends: two Ceph clusters, Swift, nginx, Cinder.
 
 ``tests/conftest.py`` does ``from tests.backends.fixtures import *`` (``__all__`` below).
 
-Session fixtures ``ceph``, ``ceph2``, ``swift``, ``nginx`` yield the backend's info object
-(see ceph.CephInfo, swift.SwiftInfo, nginx.NginxInfo). Function fixtures ``rbd_pool``,
-``rbd_pool2``, ``s3_bucket``, ``swift_container``, ``rgw_swift_container`` yield a fresh,
-uniquely named pool/bucket/container name and remove it (with its contents) afterwards.
+Session fixtures ``ceph``, ``ceph2``, ``swift``, ``nginx``, ``cinder`` yield the backend's
+info object (see ceph.CephInfo, swift.SwiftInfo, nginx.NginxInfo, cinder.CinderInfo).
+Function fixtures ``rbd_pool``, ``rbd_pool2``, ``s3_bucket``, ``swift_container``,
+``rgw_swift_container`` yield a fresh, uniquely named pool/bucket/container name and remove it
+(with its contents) afterwards; ``cinder_project`` a fresh Cinder project (a CinderProject)
+whose volumes are deleted afterwards.
 
 Start-up is lazy: nothing starts until a test needs a backend. At that moment every backend
 that some selected test needs is started in the background, in parallel, so the rest are
@@ -18,7 +20,9 @@ skipping. After each test using a function fixture the backend's daemons are che
 still be alive, so a daemon crash is reported at the test that caused it.
 
 ``IMAGEFS_USE_BACKENDS=DIR`` makes the fixtures use a set started by hand with
-``python -m tests.backends up --detach --dir DIR`` (no start-up wait) instead.
+``python -m tests.backends up --detach --dir DIR`` (no start-up wait) instead. Several sets may
+be named, ``DIR1:DIR2`` (the first to have a backend provides it); a backend none of them has
+is started as usual, on the reused ones it needs (Cinder on a reused Ceph).
 """
 
 from __future__ import annotations
@@ -34,8 +38,18 @@ from typing import Any, NoReturn
 
 import pytest
 
-from tests.backends import NAMES, common, info_from_state, make, packages, read_state
+from tests.backends import (
+    NAMES,
+    common,
+    info_from_state,
+    make,
+    packages,
+    read_state,
+    stop_order,
+    with_needs,
+)
 from tests.backends.ceph import CephInfo
+from tests.backends.cinder import CinderInfo, CinderProject, new_project_id
 from tests.backends.common import Backend, BackendError, BackendMissing
 from tests.backends.nginx import NginxInfo
 from tests.backends.swift import SwiftInfo
@@ -46,6 +60,8 @@ __all__ = [
     "ceph2",
     "swift",
     "nginx",
+    "cinder",
+    "cinder_project",
     "rbd_pool",
     "rbd_pool2",
     "s3_bucket",
@@ -68,8 +84,9 @@ class BackendManager:
         self._t0 = 0.0
         self._ready_after: dict[str, float] = {}  # seconds from the first request
         self._reused: dict[str, Any] = {}
-        reuse = os.environ.get(REUSE_ENV)
-        if reuse:
+        for reuse in (os.environ.get(REUSE_ENV) or "").split(os.pathsep):
+            if not reuse:
+                continue
             try:
                 state = read_state(Path(reuse))
             except (OSError, ValueError) as e:
@@ -77,17 +94,26 @@ class BackendManager:
                     f"{REUSE_ENV}={reuse}, but its state file is unreadable ({e}): unset it, "
                     f"or start a set with `python -m tests.backends up --detach --dir {reuse}`"
                 ) from None
-            self._reused = {n: info_from_state(n, e) for n, e in state["backends"].items()}
+            for n, entry in state["backends"].items():
+                self._reused.setdefault(n, info_from_state(n, entry))
+
+    def _resolve(self, name: str) -> Any:
+        """A dependency's info object, waiting for its start-up (see Backend.needs)."""
+        if name in self._reused:
+            return self._reused[name]
+        return self._futures[name].result().info
 
     def _start(self, name: str) -> Backend:
         assert self.root is not None
         backend = make(name, self.root)
+        backend.resolve = self._resolve
         backend.start()
         self._ready_after[name] = time.monotonic() - self._t0
         return backend
 
     def prestart(self, names: set[str]) -> None:
         """Begin starting *names* (those not started or reused yet) in parallel threads."""
+        names = with_needs(names)  # dependencies first: NAMES lists them before their users
         todo = [n for n in NAMES if n in names and n not in self._futures and n not in self._reused]
         if not todo:
             return
@@ -146,7 +172,8 @@ class BackendManager:
                 backends.append(fut.result())
             except BaseException:  # its start-up already cleaned up after itself and reported
                 pass
-        list(self._pool.map(lambda b: b.stop(), backends))
+        for group in stop_order(backends):
+            list(self._pool.map(lambda b: b.stop(), group))
         self._pool.shutdown()
         if backends:
             self._report_timings(backends)
@@ -222,6 +249,12 @@ def swift(backend_manager: BackendManager, request: pytest.FixtureRequest) -> Sw
 def nginx(backend_manager: BackendManager, request: pytest.FixtureRequest) -> NginxInfo:
     """nginx serving ``root`` at ``url`` (ranges, JSON autoindex): an nginx.NginxInfo."""
     return backend_manager.get("nginx", request)
+
+
+@pytest.fixture(scope="session")
+def cinder(backend_manager: BackendManager, request: pytest.FixtureRequest) -> CinderInfo:
+    """Cinder (noauth) with the RBD driver on a pool of ``ceph``: a cinder.CinderInfo."""
+    return backend_manager.get("cinder", request)
 
 
 # --- client handles the fixtures (and tests) use --------------------------------------------
@@ -378,3 +411,14 @@ def rgw_swift_container(ceph: CephInfo, backend_manager: BackendManager) -> Iter
         ceph.rgw_swift_auth_url, str(ceph.rgw_swift_user), str(ceph.rgw_swift_key)
     )
     yield from _container(conn, backend_manager, "ceph")
+
+
+@pytest.fixture
+def cinder_project(cinder: CinderInfo, backend_manager: BackendManager) -> Iterator[CinderProject]:
+    """A fresh Cinder project on ``cinder`` (noauth: any hex id is a project, quotas off), so
+    a test sees only its own volumes; they are detached and deleted after the test."""
+    project = CinderProject(cinder, new_project_id())
+    yield project
+    with backend_manager.teardown("cinder"):
+        project.purge()
+

@@ -21,6 +21,7 @@ import pytest
 
 from tests.backends import common
 from tests.backends.ceph import CephInfo
+from tests.backends.cinder import CinderProject, api_call, wait_volume
 from tests.backends.common import Backend, BackendError, BackendMissing
 from tests.backends.fixtures import (
     BackendManager,
@@ -219,6 +220,50 @@ def test_nginx_range_and_json_autoindex(nginx: NginxInfo) -> None:
     ).items()
     with urllib.request.urlopen(nginx.url, timeout=10) as resp:
         assert {"name": "sub", "type": "directory"}.items() <= json.loads(resp.read())[0].items()
+
+
+# --- Cinder ----------------------------------------------------------------------------------
+
+
+def test_cinder_volume_attach_rbd_io_extend_delete(cinder_project: CinderProject) -> None:
+    """Cinder's chain end to end (API, scheduler, volume service, RBD driver), as the store
+    uses it: an attachment's connection_info names an RBD image our librbd writes and reads."""
+    import rados
+    import rbd
+
+    url, token, info = cinder_project.url, cinder_project.token, cinder_project.info
+    status, body = api_call("POST", f"{url}/volumes", token, {"volume": {"size": 1, "name": "t"}})
+    assert status == 202, body
+    vid = body["volume"]["id"]
+    wait_volume(url, token, vid, "available")
+    conn = {"host": "harness-test", "ip": "127.0.0.1", "platform": "x86_64",
+            "os_type": "linux", "multipath": False}
+    status, att = api_call("POST", f"{url}/attachments", token, {"attachment": {
+        "volume_uuid": vid, "connector": conn, "mode": "rw"}}, version="3.54")
+    assert status == 200, att
+    ci = att["attachment"]["connection_info"]
+    assert ci["driver_volume_type"] == "rbd" and ci["name"] == f"{info.pool}/volume-{vid}"
+    aid = att["attachment"]["id"]
+    assert api_call("POST", f"{url}/attachments/{aid}/action", token, {"os-complete": None},
+                    version="3.44")[0] == 204
+    data = os.urandom(MiB)
+    cluster = rados.Rados(conffile=info.ceph_conf, rados_id=info.ceph_user,
+                          conf={"keyring": info.ceph_keyring})
+    cluster.connect(timeout=30)
+    try:
+        with cluster.open_ioctx(info.pool) as ioctx, rbd.Image(ioctx, f"volume-{vid}") as img:
+            img.write(data, (1 << 30) - MiB)  # up to the volume's end
+            assert api_call("POST", f"{url}/volumes/{vid}/action", token,
+                            {"os-extend": {"new_size": 2}}, version="3.42")[0] == 202
+            wait_volume(url, token, vid, "in-use")  # extended while attached
+            assert img.size() == 2 << 30
+            img.write(data, (1 << 30) - MiB // 2)  # across the old end
+            assert img.read((1 << 30) - MiB // 2, MiB) == data
+    finally:
+        cluster.shutdown()
+    assert api_call("DELETE", f"{url}/attachments/{aid}", token, version="3.27")[0] == 200
+    wait_volume(url, token, vid, "available")
+    assert api_call("DELETE", f"{url}/volumes/{vid}", token)[0] == 202
 
 
 # --- the harness itself ----------------------------------------------------------------------

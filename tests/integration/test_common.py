@@ -1,7 +1,8 @@
 """The behaviour every writable store kind must show through a real mount, driven by real tools.
 
-Each test runs once per kind (file, s3, rbd, swift, rgw_swift: see conftest.store_table) on a
-fresh backend container/pool/bucket, beside a local file store to copy to and from.
+Each test runs once per kind (file, s3, rbd, swift, rgw_swift, cinder: see
+conftest.store_table) on a fresh backend container/pool/bucket/project, beside a local file
+store to copy to and from.
 """
 
 from __future__ import annotations

@@ -289,6 +289,22 @@ def backend_bytes(table: dict[str, Any], name: str) -> bytes:
             return conn.get_object(table["container"], name)[1]
         finally:
             conn.close()
+    if t == "cinder":  # the volume's RBD image, image_size bytes of it (Cinder's own record)
+        import rados
+        import rbd
+
+        from tests.backends.cinder import api_get
+
+        url = f"{table['endpoint']}/{table['project_id']}"
+        vols = api_get(f"{url}/volumes/detail?name={name}",
+                       f"{table['user_id']}:{table['project_id']}")["volumes"]
+        (v,) = [v for v in vols if v["status"] not in ("deleting", "error_deleting")]
+        size = int(v["metadata"]["image_size"])
+        with rados.Rados(conffile=table["ceph_conf"], rados_id=table["ceph_user"],
+                         conf={"keyring": table["ceph_keyring"]}) as cluster:
+            with cluster.open_ioctx(table["rbd_pool"]) as io, \
+                    rbd.Image(io, f"volume-{v['id']}", read_only=True) as img:
+                return img.read(0, size) if size else b""
     raise AssertionError(t)
 
 
