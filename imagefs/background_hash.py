@@ -40,8 +40,6 @@ class BackgroundHasher:
         self._send, self._recv = trio.open_memory_channel[tuple[Store, ImageInfo]](QUEUE)
         #: (store id, name) → version queued or being hashed; a newer version replaces it.
         self.pending: dict[tuple[str, str], str] = {}
-        self.idle = trio.Event()
-        self.idle.set()
 
     def submit(self, store: Store, info: ImageInfo) -> None:
         if info.size > self.max_size:
@@ -55,7 +53,6 @@ class BackgroundHasher:
                         "computes its hashes", store.id, info.name)
             return
         self.pending[(store.id, info.name)] = info.version
-        self.idle = trio.Event() if self.idle.is_set() else self.idle
 
     async def run(self) -> None:
         async for store, info in self._recv:
@@ -66,8 +63,6 @@ class BackgroundHasher:
                 finally:
                     if self.pending.get(key) == info.version:
                         del self.pending[key]
-            if not self.pending:
-                self.idle.set()
 
     async def _hash(self, store: Store, info: ImageInfo) -> None:
         h = ImageHasher(self.algo)

@@ -50,6 +50,7 @@ from imagefs.writer import Writer, WriterSettings
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+T = TypeVar("T")
 
 _ERRNO: dict[type[StoreError], int] = {
     NotFound: errno.ENOENT,
@@ -442,6 +443,20 @@ class ImageFS(pyfuse3.Operations):
         return node.writer if isinstance(node.writer, Writer) else None
 
     @staticmethod
+    def _closing(node: Node) -> bool:
+        return isinstance(node.writer, Writer) and node.writer.closing
+
+    async def _between_releases(self, node: Node, step: Callable[[], Awaitable[T]]) -> T:
+        """Run ``step`` (a lookup that awaits) until no release of ``node``'s writer began
+        while it ran, so what it found still holds while the caller goes on without an
+        await (see ``_settled_writer``)."""
+        while True:
+            await self._settled_writer(node)
+            result = await step()
+            if not self._closing(node):
+                return result
+
+    @staticmethod
     def _cached_sizes(node: Node) -> list[int]:
         """Sizes of the versions ``node``'s page-cache readers hold."""
         return [h.reader.info.size for h in node.readers if h.cached]
@@ -567,13 +582,12 @@ class ImageFS(pyfuse3.Operations):
 
     async def _truncate_published(self, node: Node, store: Store, size: int) -> None:
         """truncate(2) on a path: a new version with the old bytes up to ``size``."""
-        while True:
-            await self._settled_writer(node)
+        async def published() -> ImageInfo:
             if node.name is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            info = await self.catalogs[store.id].stat(node.name)
-            if not (isinstance(node.writer, Writer) and node.writer.closing):
-                break
+            return await self.catalogs[store.id].stat(node.name)
+
+        info = await self._between_releases(node, published)
         if isinstance(node.writer, Writer):  # opened for writing meanwhile: its truncate
             self._refuse_shrink_under_readers(node, size, "truncate")
             await node.writer.truncate(size)
@@ -706,17 +720,17 @@ class ImageFS(pyfuse3.Operations):
         if self._read_only(store):
             raise pyfuse3.FUSEError(errno.EROFS)
         pid = await caller_process(ctx)
-        while True:
-            await self._settled_writer(node)
+
+        async def published() -> ImageInfo | None:
+            """What a new writer would start from; None when there is one to join."""
             if node.name is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            w = self._joinable_writer(node)
-            if w is not None:
-                break
-            info = await self.catalogs[store.id].stat(node.name)
-            if not (isinstance(node.writer, Writer) and node.writer.closing):
-                w = self._joinable_writer(node)
-                break
+            if self._joinable_writer(node) is not None:
+                return None
+            return await self.catalogs[store.id].stat(node.name)
+
+        info = await self._between_releases(node, published)
+        w = self._joinable_writer(node)
         # No await from here until the handle is added: a release starting meanwhile would
         # not count this handle, and a reader opening meanwhile must see the writer (and read
         # uncapped, see open for reading).
@@ -724,6 +738,7 @@ class ImageFS(pyfuse3.Operations):
             self._refuse_shrink_under_readers(node, 0, "open with O_TRUNC")
         joined = w is not None
         if w is None:
+            assert info is not None and node.name is not None
             truncate = bool(flags & os.O_TRUNC)
             w = self._new_writer(store, node.name, None if truncate else info, info.mode,
                                  existed=True)
@@ -758,19 +773,18 @@ class ImageFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         node = self.inodes.get(store.id, text)
         pid = await caller_process(ctx)
-        while True:
-            await self._settled_writer(node)
-            existing = self._joinable_writer(node)
-            if existing is not None or not flags & os.O_EXCL:
-                break
-            try:
-                await bridge.call(store, store.stat, text)
-                raise pyfuse3.FUSEError(errno.EEXIST)
-            except NotFound:
-                pass
-            if not (isinstance(node.writer, Writer) and node.writer.closing):
-                existing = self._joinable_writer(node)
-                break
+
+        async def refuse_existing() -> None:
+            """O_EXCL: EEXIST for a published image (a pending one is checked below)."""
+            if self._joinable_writer(node) is None and flags & os.O_EXCL:
+                try:
+                    await bridge.call(store, store.stat, text)
+                    raise pyfuse3.FUSEError(errno.EEXIST)
+                except NotFound:
+                    pass
+
+        await self._between_releases(node, refuse_existing)
+        existing = self._joinable_writer(node)
         # No await until the handle is added (see open).
         if existing is not None:
             if flags & os.O_EXCL:

@@ -115,9 +115,6 @@ class BlockSource:
         return (store.id, info.name, info.version, self.block_size, index)
 
     # ------------------------------------------------------------------ demand reads
-    async def block(self, store: Store, info: ImageInfo, index: int) -> bytes:
-        return (await self.blocks(store, info, index, index))[0]
-
     async def blocks(self, store: Store, info: ImageInfo, first: int, last: int
                      ) -> list[bytes]:
         """Blocks ``first..last`` of ``info``: from memory, else joining a fetch in flight,
@@ -130,14 +127,16 @@ class BlockSource:
             data = self.cache.get_memory(key)
             if data is not None:
                 out[i - first] = data
-                run = self._start(store, info, run)  # a run is consecutive blocks
+                self._start(store, info, run)  # a run is consecutive blocks
+                run = None
                 continue
             p = self._pending.get(key)
             if p is None and self.cache.on_disk(key):
                 p = self._load_from_disk(store, info, i, key, prefetch=False)
             if p is not None:
                 waits.append((i, p))
-                run = self._start(store, info, run)
+                self._start(store, info, run)
+                run = None
                 continue
             if run is None:
                 run = _Run(start=i)
@@ -176,10 +175,12 @@ class BlockSource:
         for i in range(start, start + count):
             key = self.key(store, info, i)
             if key in self._pending or self.cache.get_memory(key) is not None:
-                run = self._start(store, info, run)
+                self._start(store, info, run)
+                run = None
                 continue
             if self.cache.on_disk(key):
-                run = self._start(store, info, run)
+                self._start(store, info, run)
+                run = None
                 self._load_from_disk(store, info, i, key, prefetch=True)
                 continue
             if run is None:
