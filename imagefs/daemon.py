@@ -172,7 +172,9 @@ def build_fs(config: Config, stores: list[Store], mountpoint: str, opts: MountOp
         leftover.unlink(missing_ok=True)
     # Stores buffer large upload parts in temporary files: keep them in the cache, not /tmp.
     tempfile.tempdir = str(spool)
-    cache = BlockCache(MemoryCache(cc.memory_size), disk)
+    # Blocks queued for the disk cache are memory too: at most half the memory cache's size.
+    cache = BlockCache(MemoryCache(cc.memory_size), disk,
+                       write_queue=min(64 << 20, cc.memory_size // 2))
 
     def source(nursery: trio.Nursery) -> BlockSource:
         return BlockSource(cache, cc.block_size, cc.max_prefetch_memory, nursery,
@@ -235,6 +237,8 @@ async def _serve(fs: ImageFS, mountpoint: str, readahead_kib: int,
         if draining.cancelled_caught:
             log.warning("unfinished uploads could not all be aborted in time; the next mount "
                         "cleans what they left")
+        if fs.source is not None:  # blocks read just before unmount are there at remount
+            await trio.to_thread.run_sync(fs.source.cache.close, min(stop_timeout, 10.0))
         nursery.cancel_scope.cancel()
 
 

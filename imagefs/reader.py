@@ -33,9 +33,6 @@ from imagefs.stores.base import BackendError, ImageInfo, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-#: Blocks waiting for the disk cache; a block that finds the queue full is not stored there,
-#: so reads never wait on the disk cache (bounded memory: these are memory-cache blocks).
-DISK_QUEUE = 16
 #: Threads reading the disk cache at once: enough to keep a disk busy, few enough not to
 #: contend in the kernel.
 DISK_READERS = 4
@@ -103,10 +100,6 @@ class BlockSource:
         self._pending: dict[Hashable, _Pending] = {}
         #: Prefetch tokens free (one per block in flight); see the module docstring.
         self.tokens = self.max_tokens = max(1, prefetch_bytes // block_size)
-        self._disk_writes = trio.Semaphore(DISK_QUEUE)
-        # One writer: dozens of threads creating block files at once spend their time
-        # contending for the file system's locks (measured: 5x the system time).
-        self._disk_writer = trio.CapacityLimiter(1)
         self._disk_readers = trio.CapacityLimiter(DISK_READERS)
         #: Backend requests made, for tests and status (runs, not blocks).
         self.requests = 0
@@ -199,14 +192,14 @@ class BlockSource:
         return p
 
     def _resolve(self, key: Hashable, p: _Pending, data: bytes | None = None,
-                 error: BaseException | None = None) -> None:
+                 error: BaseException | None = None, on_disk: bool = False) -> None:
         if p.done.is_set():
             return
         if data is not None:
             p.data = data
             self.cache.put_memory(key, data)
-            if self._disk_writes.value:
-                self.nursery.start_soon(self._store_on_disk, key, data)
+            if not on_disk:
+                self.cache.put_disk_later(key, data)
         else:
             p.error = error or BackendError("block fetch failed")
         if self._pending.get(key) is p:
@@ -278,19 +271,11 @@ class BlockSource:
             log.warning("disk cache: %s", e)
             data = None
         if data is not None and len(data) == want:
-            self._resolve(key, p, data=data)
+            self._resolve(key, p, data=data, on_disk=True)
             return
         run = _Run(start=index, keys=[key], pendings=[p])
         self.requests += 1
         await self._fetch_run(store, info, run)
-
-    async def _store_on_disk(self, key: Hashable, data: bytes) -> None:
-        """Best effort, in the mount's nursery: an exception here would end the mount."""
-        async with self._disk_writes:
-            try:
-                await bridge.local(self.cache.put_disk, key, data, limiter=self._disk_writer)
-            except Exception as e:
-                log.warning("disk cache: block not stored: %s", e)
 
 
 class Reader:

@@ -182,3 +182,67 @@ def test_a_header_probe_costs_one_request() -> None:
     data = os.urandom(64 * MiB)
     _run(store, data, [[(0, 65536)], [(0x30000, 512)], [(0x10000, 65536)], [(0x20000, 4096)]])
     assert store.requests == [(0, MiB)]
+
+
+def test_a_cold_read_lands_in_the_disk_cache_and_a_warm_one_rewrites_nothing(tmp_path: Any
+                                                                           ) -> None:
+    """Every block of a sequential read reaches the disk cache (the write-behind threads, not
+    the readers, store them); a read after a remount is served from disk with no backend
+    request and no block written again."""
+    from imagefs.cache import DiskCache
+
+    store = Recorder()
+    data = os.urandom(24 * MiB + 12345)
+    info = store.put("img", data, {})
+    puts: list[object] = []
+
+    class CountingDisk(DiskCache):
+        def put(self, key: Any, value: bytes) -> None:
+            puts.append(key)
+            super().put(key, value)
+
+    def read_all() -> None:
+        async def main() -> None:
+            disk = CountingDisk(tmp_path / "blocks", 1 << 30)
+            cache = BlockCache(MemoryCache(8 * MiB), disk)
+            async with trio.open_nursery() as n:
+                r = Reader(BlockSource(cache, MiB, 16 * MiB, n), store, info, 8 * MiB)
+                for off in range(0, len(data), 128 << 10):
+                    assert bytes(await r.read(off, 128 << 10)) == data[off:off + (128 << 10)]
+                n.cancel_scope.cancel()
+            await trio.to_thread.run_sync(cache.close)
+
+        trio.run(main)
+
+    read_all()
+    nblocks = -(-len(data) // MiB)
+    assert len(puts) == nblocks and len(set(puts)) == nblocks
+    cold_requests = len(store.requests)
+    puts.clear()
+    read_all()
+    assert len(store.requests) == cold_requests, "the warm read went to the backend"
+    assert puts == [], "blocks read from the disk cache were written to it again"
+
+
+def test_write_behind_drops_instead_of_waiting_when_its_queue_is_full(tmp_path: Any) -> None:
+    """A full queue never makes the caller wait: the block is not stored, and counted."""
+    import threading
+
+    from imagefs.cache import DiskCache, WriteBehind
+
+    release = threading.Event()
+
+    class SlowDisk(DiskCache):
+        def put(self, key: Any, value: bytes) -> None:
+            release.wait(10)
+            super().put(key, value)
+
+    disk = SlowDisk(tmp_path / "blocks", 1 << 30)
+    wb = WriteBehind(disk, 4 * MiB)
+    block = os.urandom(MiB)
+    offered = [wb.offer(("k", i), block) for i in range(10)]
+    assert offered[:4] == [True] * 4 and not any(offered[4:])
+    assert wb.dropped == 6
+    release.set()
+    assert wb.close(10)
+    assert [disk.get(("k", i)) is not None for i in range(10)] == [True] * 4 + [False] * 6
