@@ -169,6 +169,8 @@ class Config:
     #: Seconds SIGTERM/SIGINT waits for requests in flight (uploads being published) before
     #: they are aborted; a second signal aborts at once. Nothing partial is ever published.
     stop_timeout: float = 30.0
+    #: (host, port) of the Prometheus metrics endpoint; None: no endpoint (the default).
+    metrics: tuple[str, int] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -199,6 +201,20 @@ _CACHE_KEYS: dict[str, Option] = {
     "spool_trim_after": Option("size", default=1 << 30),
 }
 
+_MOUNT_KEYS: dict[str, Option] = {
+    "stop_timeout": Option("float", default=30.0),
+    "metrics": Option("str", default=None),
+}
+
+_ADDRESS = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:9488' or '[::1]:9488' → (host, port). Raises ValueError with the form."""
+    m = _ADDRESS.match(text)
+    if not m or not 0 < int(m.group(3)) < 65536:
+        raise ValueError('an address like "127.0.0.1:9488" or "[::1]:9488" (port 1-65535)')
+    return m.group(1) or m.group(2), int(m.group(3))
 
 
 def default_cache_dir() -> Path:
@@ -262,10 +278,15 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
     if unknown:
         raise c.fail(unknown[0], "unknown key (known keys: "
                      + ", ".join(sorted(top)) + ")")
-    mount = c.table("mount", data.get("mount", {}),
-                    {"stop_timeout": Option("float", default=Config.stop_timeout)})
+    mount = c.table("mount", data.get("mount", {}), _MOUNT_KEYS)
     if mount["stop_timeout"] < 0:
         raise c.fail("mount.stop_timeout", "expected a number of seconds ≥ 0")
+    metrics = None
+    if mount["metrics"] is not None:
+        try:
+            metrics = parse_address(mount["metrics"])
+        except ValueError as e:
+            raise c.fail("mount.metrics", f"expected {e}, got {mount['metrics']!r}") from None
 
     cache = c.table("cache", data.get("cache", {}), _CACHE_KEYS)
     if cache["block_size"] < 4096 or cache["block_size"] & (cache["block_size"] - 1):
@@ -299,7 +320,7 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
                      f"only one store may be the default (stores.{defaults[0]} already is)")
     return Config(path=p, cache=cache_cfg, hash=HashConfig(**hashes),
                   stores=tuple(stores), metadata_ttl=float(ttl),
-                  stop_timeout=mount["stop_timeout"])
+                  stop_timeout=mount["stop_timeout"], metrics=metrics)
 
 
 def _store(c: _Checker, sid: str, table: Any) -> StoreConfig:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from imagefs import bridge
+from imagefs import bridge, stats
 from imagefs.cache import BlockCache
 from imagefs.stores.base import BackendError, ImageInfo, Store, StoreError
 
@@ -125,6 +125,7 @@ class BlockSource:
         for i in range(first, last + 1):
             key = self.key(store, info, i)
             data = self.cache.get_memory(key)
+            stats.cache(store.id, "memory", hit=data is not None)
             if data is not None:
                 out[i - first] = data
                 self._start(store, info, run)  # a run is consecutive blocks
@@ -227,6 +228,7 @@ class BlockSource:
         offset = run.start * bs
         length = min(len(run.keys) * bs, info.size - offset)
         token = trio.lowlevel.current_trio_token()
+        stats.cache(store.id, "disk", hit=False, n=len(run.keys))
 
         def deliver(data: bytes) -> None:
             if run.dead:
@@ -278,6 +280,7 @@ class BlockSource:
             log.warning("disk cache: %s", e)
             data = None
         if data is not None and len(data) == want:
+            stats.cache(store.id, "disk", hit=True)
             self._resolve(key, p, data=data)
             return
         run = _Run(start=index, keys=[key], pendings=[p])
