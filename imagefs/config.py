@@ -57,7 +57,9 @@ def parse_size(text: str | int) -> int:
 class Option:
     """One type-specific store key: its kind, whether required, and its default.
 
-    kinds: str, path, bool, int, float, size, list (of str), or a tuple of allowed strings.
+    kinds: str, path, secret_file (a path to a file holding a credential, see
+    ``_check_secret_file``), bool, int, float, size, list (of str), or a tuple of allowed
+    strings.
     """
 
     kind: Any = "str"
@@ -72,7 +74,7 @@ def _expect(kind: Any) -> str:
     return {
         "str": "a string", "path": "a path string", "bool": "true or false",
         "int": "an integer", "float": "a number", "size": 'a size like "4MiB"',
-        "list": "a list of strings", "secret": "a string",
+        "list": "a list of strings", "secret_file": "a path string",
     }[kind]
 
 
@@ -82,11 +84,11 @@ def _convert(kind: Any, value: Any) -> Any:
         if value not in kind:
             raise ValueError(_expect(kind))
         return value
-    if kind in ("str", "secret"):
+    if kind == "str":
         if not isinstance(value, str):
             raise ValueError(_expect(kind))
         return value
-    if kind == "path":
+    if kind in ("path", "secret_file"):
         if not isinstance(value, str) or not value:
             raise ValueError(_expect(kind))
         return os.path.expanduser(value)
@@ -187,6 +189,7 @@ _COMMON_STORE_KEYS: dict[str, Option] = {
     "timeout": Option("float", default=60.0),
     "concurrency": Option("int", default=0),
     "chown": Option(("refuse", "ignore", "keep"), default="refuse"),
+    "allow_readable_secret_file": Option("bool", default=False),
 }
 
 _CACHE_KEYS: dict[str, Option] = {
@@ -323,6 +326,35 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
                   stop_timeout=mount["stop_timeout"], metrics=metrics)
 
 
+def _refuse_inline_secrets(c: _Checker, prefix: str, table: Mapping[str, Any],
+                           spec: Mapping[str, Option]) -> None:
+    """``secret_access_key = "..."`` where ``secret_access_key_file`` is the key: say where a
+    secret goes instead of only "unknown key" (and never echo the value)."""
+    for key in table:
+        if key not in spec and spec.get(f"{key}_file", Option()).kind == "secret_file":
+            raise c.fail(f"{prefix}.{key}", f"secrets are not accepted in the config file; put "
+                         f"it in a file readable by the daemon's user only (chmod 600) and "
+                         f"name that file in {key}_file")
+
+
+def _check_secret_file(c: _Checker, key: str, path: str) -> None:
+    """A credential file others can read is refused: whoever reads it has the store.
+
+    Mode bits only, on the file as named (links followed): group- or other-readable is an
+    error unless the store sets ``allow_readable_secret_file = true`` (a group-shared
+    credential on purpose). A file that does not exist, or cannot be stat'ed, is left to
+    opening the store, which names it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o044:
+        who = {0o044: "group and others", 0o040: "its group", 0o004: "others"}[mode & 0o044]
+        raise c.fail(key, f"the secret file {path} is readable by {who} (mode "
+                     f"{mode & 0o777:o}); chmod 600 it, or set allow_readable_secret_file = "
+                     "true in this store")
+
+
 def _store(c: _Checker, sid: str, table: Any) -> StoreConfig:
     prefix = f"stores.{sid}"
     if not STORE_ID.match(sid):
@@ -341,7 +373,11 @@ def _store(c: _Checker, sid: str, table: Any) -> StoreConfig:
                      f"unknown store type {stype!r}; expected one of " + ", ".join(store_types()))
     spec = dict(_COMMON_STORE_KEYS)
     spec.update(option_specs(stype))
+    _refuse_inline_secrets(c, prefix, table, spec)
     values = c.table(prefix, table, spec)
+    for key, opt in spec.items():
+        if opt.kind == "secret_file" and values[key] and not values["allow_readable_secret_file"]:
+            _check_secret_file(c, f"{prefix}.{key}", values[key])
     if values["timeout"] <= 0:
         raise c.fail(f"{prefix}.timeout", "expected a positive number of seconds")
     if values["concurrency"] < 0:
