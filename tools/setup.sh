@@ -13,7 +13,8 @@ TESTING="ceph-mon ceph-osd ceph-common radosgw python3-rados python3-rbd rbd-fus
  swift swift-proxy swift-account swift-container swift-object memcached nginx-light
  qemu-utils fio rsync attr curl xfsprogs iproute2 procps
  python3-glance-store python3-boto3
- python3-cinder python3-cinderclient rabbitmq-server dmidecode"
+ python3-cinder python3-cinderclient rabbitmq-server dmidecode
+ mandoc systemd"
 # FUSE peers the benchmarks compare imagefs with (rbd-fuse is in TESTING already)
 BENCH="s3fs rclone"
 want="$RUNTIME"
@@ -59,4 +60,10 @@ modprobe fuse 2>/dev/null || true
 # look for them: symlinks into this checkout's venv.
 ln -sfn "$PWD/.venv/bin/imagefs" /usr/local/bin/imagefs
 ln -sfn "$PWD/.venv/bin/mount.imagefs" /usr/sbin/mount.imagefs
+# The manual pages, where man(1) and the unit's Documentation=man:imagefs(8) find them.
+for page in man/*.[0-9]; do
+  sect="${page##*.}"
+  mkdir -p "/usr/local/share/man/man$sect"
+  ln -sfn "$PWD/$page" "/usr/local/share/man/man$sect/$(basename "$page")"
+done
 echo "== setup done: $(.venv/bin/imagefs --version)"
