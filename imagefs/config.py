@@ -204,6 +204,15 @@ _CACHE_KEYS: dict[str, Option] = {
     "spool_trim_after": Option("size", default=1 << 30),
 }
 
+#: The tables and keys of the file's top level.
+TOP_KEYS = frozenset({"cache", "hash", "mount", "stores", "metadata_ttl"})
+
+_HASH_KEYS: dict[str, Option] = {
+    "algo": Option(hashing.ALGOS, default="sha512"),
+    "inline_max": Option("size", default=HashConfig.inline_max),
+    "background_max": Option("size", default=HashConfig.background_max),
+}
+
 _MOUNT_KEYS: dict[str, Option] = {
     "stop_timeout": Option("float", default=30.0),
     "metrics": Option("str", default=None),
@@ -276,11 +285,10 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(data: Mapping[str, Any], p: Path) -> Config:
     """Validate an already-parsed TOML document (also used for the embedded demo config)."""
     c = _Checker(p)
-    top = {"cache": None, "hash": None, "mount": None, "stores": None, "metadata_ttl": None}
-    unknown = sorted(set(data) - set(top))
+    unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
         raise c.fail(unknown[0], "unknown key (known keys: "
-                     + ", ".join(sorted(top)) + ")")
+                     + ", ".join(sorted(TOP_KEYS)) + ")")
     mount = c.table("mount", data.get("mount", {}), _MOUNT_KEYS)
     if mount["stop_timeout"] < 0:
         raise c.fail("mount.stop_timeout", "expected a number of seconds ≥ 0")
@@ -304,10 +312,7 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
         page_cache=cache["page_cache"],
         spool_trim_after=cache["spool_trim_after"],
     )
-    hashes = c.table("hash", data.get("hash", {}),
-                     {"algo": Option(hashing.ALGOS, default="sha512"),
-                      "inline_max": Option("size", default=HashConfig.inline_max),
-                      "background_max": Option("size", default=HashConfig.background_max)})
+    hashes = c.table("hash", data.get("hash", {}), _HASH_KEYS)
 
     ttl = data.get("metadata_ttl", 2.0)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0:

@@ -43,6 +43,10 @@ IGNORED_OPTIONS = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "u
                    "relatime", "strictatime", "rw", "async", "sync"}
 
 
+#: The ``-o`` options imagefs itself takes, as imagefs(8) lists them.
+OPTION_FORMS = ("ro", "allow_other", "debug", "degraded", "log=PATH", "fsname=NAME")
+
+
 class MountError(Exception):
     """Why the mount could not be made, for the person who asked."""
 
@@ -78,8 +82,8 @@ class MountOptions:
                 elif key == "fsname" and value:
                     o.fsname = value
                 else:
-                    raise ValueError(f"unknown mount option {item!r} (known: ro, allow_other, "
-                                     "debug, degraded, log=PATH, fsname=NAME)")
+                    raise ValueError(f"unknown mount option {item!r} (known: "
+                                     + ", ".join(OPTION_FORMS) + ")")
         return o
 
 
@@ -107,6 +111,16 @@ def _sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
+def _stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=DEVICE:INODE when it connects stderr to the journal."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
 def _setup_logging(opts: MountOptions, foreground: bool) -> None:
     level = logging.DEBUG if opts.debug else logging.INFO
     handlers: list[logging.Handler] = []
@@ -115,8 +129,10 @@ def _setup_logging(opts: MountOptions, foreground: bool) -> None:
         handlers.append(logging.FileHandler(opts.log_file))
     if foreground or not handlers:
         handlers.append(logging.StreamHandler(sys.stderr))
+    # The journal stamps every line itself: a second timestamp would only be noise there.
+    stamp = "" if foreground and not opts.log_file and _stderr_is_journal() else "%(asctime)s "
     logging.basicConfig(level=level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=stamp + "%(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "swiftclient"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -196,9 +196,10 @@ def test_check_config_connect(tmp_path: Path, file_store_table: dict[str, Any],
 # ------------------------------------------------------------------------------ systemd
 def test_notify_socket_ready_status_stopping(tmp_path: Path,
                                              file_store_table: dict[str, Any]) -> None:
-    """The daemon as systemd runs it (foreground, NOTIFY_SOCKET): READY=1 with a STATUS once
-    the mount answers; on SIGTERM STOPPING=1 and a STATUS naming the uploads in flight, then
-    it exits 0 unmounted, the open writer's bytes unpublished."""
+    """The daemon as systemd runs it (foreground, NOTIFY_SOCKET, stderr to the journal):
+    READY=1 with a STATUS once the mount answers; on SIGTERM STOPPING=1 and a STATUS naming
+    the uploads in flight, then it exits 0 unmounted, the open writer's bytes unpublished;
+    log lines carry no timestamp of their own (the journal adds one)."""
     Path(file_store_table["path"], "a.raw").write_bytes(b"ready")
     cfg = write_config(tmp_path, {"s": file_store_table}, mount={"stop_timeout": 5})
     mnt = tmp_path / "mnt"
@@ -208,7 +209,10 @@ def test_notify_socket_ready_status_stopping(tmp_path: Path,
         sd.bind(str(notify))
         sd.settimeout(60)
         log = tmp_path / "daemon.log"
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify)}
+        log.touch()
+        st = log.stat()  # stands for the journal's stream: lines without their own timestamp
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify),
+               "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
         daemon = subprocess.Popen([*IMAGEFS, "mount", "--foreground", str(cfg), str(mnt)],
                                   env=env, stdout=subprocess.DEVNULL,
                                   stderr=open(log, "w"))  # noqa: SIM115
@@ -234,6 +238,9 @@ def test_notify_socket_ready_status_stopping(tmp_path: Path,
                 subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
     assert not os.path.ismount(mnt)
     assert os.listdir(file_store_table["path"]) == ["a.raw"]
+    lines = log.read_text().splitlines()
+    assert any(line.startswith("INFO imagefs: mounted ") for line in lines), lines
+    assert not any(line[:4].isdigit() for line in lines), "timestamps doubled in the journal"
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
