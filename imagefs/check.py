@@ -2,8 +2,9 @@
 
 Validation is ``config.load``, exactly what ``mount`` does (exit 2 with the file and key). With
 ``--connect`` every store is opened and asked for one listing page, all in parallel, each within
-its own ``timeout``: what ``mount`` would need, without mounting and without changing anything
-(no clean-up of crash leftovers, unlike a mount). One line per store, ok or the reason.
+its own ``timeout``: what ``mount`` would need, without mounting. It changes only what opening
+a store changes (a writable Swift store creates its missing containers, as a mount would);
+crash leftovers are not cleaned, unlike a mount. One line per store, ok or the reason.
 """
 
 from __future__ import annotations

@@ -221,7 +221,7 @@ def parser() -> argparse.ArgumentParser:
                                     "any store fails.")
     cc.add_argument("config", help="TOML configuration file")
     cc.add_argument("--connect", action="store_true",
-                    help="open each store and list one page (changes nothing)")
+                    help="open each store and list one page (no leftover clean-up)")
     cc.set_defaults(func=cmd_check_config)
 
     s = sub.add_parser("stores", help="list the configured stores",
