@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from imagefs import config as config_mod
 from imagefs import hashing
@@ -117,8 +118,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     from imagefs import status
 
     mnt = _real_without_stat(args.mountpoint)
+    own = status.socket_for(pidfile_for(mnt, resolved=True))
+    # A mount made by root (systemd, fstab) has its socket under /run/imagefs: say that it
+    # is root's rather than that there is no mount.
+    system = Path("/run/imagefs") / own.name
+    sock = own if own.exists() or not system.exists() else system
     try:
-        r = status.query(status.socket_for(pidfile_for(mnt, resolved=True)))
+        r = status.query(sock)
     except status.StatusError as e:
         return _fail(f"{mnt}: {e}")
     print(json.dumps(r, indent=2) if args.json else status.format_text(r))

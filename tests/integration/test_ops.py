@@ -77,6 +77,11 @@ def test_status_and_metrics_count_a_copy(kind: str, request: pytest.FixtureReque
     m = mount_factory({"st": table}, cache={"page_cache": False},
                       mount={"metrics": f"127.0.0.1:{port}"})
     before = status(m)
+    # the socket is the mounting user's (root) only
+    other = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            *IMAGEFS, "status", str(m.root)], capture_output=True, text=True,
+                           timeout=60)
+    assert other.returncode == 1 and "permission denied" in other.stderr, other.stderr
     assert before["pid"] == daemon_pid(m) and before["rss_bytes"] > 0
     assert before["mountpoint"] == str(m.root) and before["config"] == str(m.config)
     row = before["stores"]["st"]
