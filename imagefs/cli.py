@@ -111,6 +111,16 @@ def _real_without_stat(path: str) -> str:
     return os.path.join(os.path.realpath(parent), name) if name else path
 
 
+def _status_socket(mnt: str) -> Path:
+    """The socket of the mount on ``mnt``: this user's, else root's (a mount by systemd or
+    fstab), so that the answer is "permission denied" rather than "no mount"."""
+    from imagefs import status
+
+    own = status.socket_for(pidfile_for(mnt, resolved=True))
+    system = Path("/run/imagefs") / own.name
+    return own if own.exists() or not system.exists() else system
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """``imagefs status``: the daemon's own report, from its status socket (see status.py)."""
     import json
@@ -118,11 +128,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from imagefs import status
 
     mnt = _real_without_stat(args.mountpoint)
-    own = status.socket_for(pidfile_for(mnt, resolved=True))
-    # A mount made by root (systemd, fstab) has its socket under /run/imagefs: say that it
-    # is root's rather than that there is no mount.
-    system = Path("/run/imagefs") / own.name
-    sock = own if own.exists() or not system.exists() else system
+    sock = _status_socket(mnt)
+    if not sock.exists() and os.path.islink(mnt):  # mounted through a symbolic link
+        mnt = os.path.realpath(mnt)
+        sock = _status_socket(mnt)
     try:
         r = status.query(sock)
     except status.StatusError as e:

@@ -4,9 +4,11 @@ Transport: a unix stream socket beside the daemon's pid file (``/run/imagefs/HAS
 root), mode 0600, answered by a thread of the daemon: connect, read one JSON document, done.
 Why a socket and not a virtual xattr on the mount root:
 
-* it answers from its own thread, so ``status`` still works when the FUSE loop is stuck (a
-  backend that hangs), which is when an operator needs it most; an xattr is a FUSE request
-  that the stuck loop would never answer, and ``getfattr`` would hang with it;
+* it answers from its own thread, without a FUSE request, so ``status`` does not queue
+  behind file system requests: when a backend hangs and every FUSE worker waits on it, or
+  the FUSE loop itself is stuck, which is when an operator needs it most (an xattr would be
+  one more request in that queue, and ``getfattr`` would hang with it); the client asks
+  without stat'ing the mount point either;
 * access is the socket file's permission (the user who mounted, root under systemd), not
   whoever can reach the mount point (everyone with ``allow_other``);
 * no size limit (an xattr value stops at 64 KiB) and no change to the FUSE operations.
@@ -93,6 +95,7 @@ class StatusServer:
             except OSError:
                 return  # closed
             with conn:
+                conn.settimeout(5)  # a reader that does not read must not block the next
                 try:
                     conn.sendall(json.dumps(self.make_report()).encode())
                 except Exception as e:  # a status reader must never take the daemon down
