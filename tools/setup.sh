@@ -26,14 +26,24 @@ if [ "$(id -u)" != 0 ]; then
   exit 2
 fi
 
+# Quiet unless something fails: a step's output is shown only when it exits non-zero.
+quiet() {
+  local out
+  if ! out=$("$@" 2>&1); then
+    printf '%s\n' "$out" >&2
+    echo "tools/setup.sh: failed: $*" >&2
+    exit 1
+  fi
+}
+
 missing=$(for p in $want; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null \
   | grep -q "install ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
   echo "== apt-get install:" $missing
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  quiet apt-get update -qq
   # shellcheck disable=SC2086
-  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  quiet apt-get install -y -qq --no-install-recommends $missing
 fi
 
 # The Ceph bindings are Debian-only (not on PyPI). The venv sees just those two modules (a .pth
@@ -52,8 +62,8 @@ done
 echo "$PWD/.venv/debian-bindings" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian-bindings.pth"
 if ! .venv/bin/python -c 'import imagefs, pyfuse3, trio, cachetools, boto3, swiftclient, prometheus_client, pytest' 2>/dev/null; then
   echo "== pip install"
-  .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[test]'
+  quiet .venv/bin/pip install -q --upgrade pip
+  quiet .venv/bin/pip install -q -e '.[test]'
 fi
 modprobe fuse 2>/dev/null || true
 # Commands where mount(8), fstab (type imagefs or fuse.imagefs) and systemd/imagefs@.service
