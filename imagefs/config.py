@@ -173,6 +173,8 @@ class Config:
     stop_timeout: float = 30.0
     #: (host, port) of the Prometheus metrics endpoint; None: no endpoint (the default).
     metrics: tuple[str, int] | None = None
+    #: Least severe log messages written (``-o debug`` overrides it).
+    log_level: str = "info"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -204,6 +206,8 @@ _CACHE_KEYS: dict[str, Option] = {
     "spool_trim_after": Option("size", default=1 << 30),
 }
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 #: The tables and keys of the file's top level.
 TOP_KEYS = frozenset({"cache", "hash", "mount", "stores", "metadata_ttl"})
 
@@ -216,6 +220,7 @@ _HASH_KEYS: dict[str, Option] = {
 _MOUNT_KEYS: dict[str, Option] = {
     "stop_timeout": Option("float", default=30.0),
     "metrics": Option("str", default=None),
+    "log_level": Option(LOG_LEVELS, default="info"),
 }
 
 _ADDRESS = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$")
@@ -328,7 +333,8 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
                      f"only one store may be the default (stores.{defaults[0]} already is)")
     return Config(path=p, cache=cache_cfg, hash=HashConfig(**hashes),
                   stores=tuple(stores), metadata_ttl=float(ttl),
-                  stop_timeout=mount["stop_timeout"], metrics=metrics)
+                  stop_timeout=mount["stop_timeout"], metrics=metrics,
+                  log_level=mount["log_level"])
 
 
 def _refuse_inline_secrets(c: _Checker, prefix: str, table: Mapping[str, Any],

@@ -121,8 +121,9 @@ def _stderr_is_journal() -> bool:
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
-def _setup_logging(opts: MountOptions, foreground: bool) -> None:
-    level = logging.DEBUG if opts.debug else logging.INFO
+def _setup_logging(opts: MountOptions, foreground: bool, level_name: str = "info") -> None:
+    """``-o debug`` wins over ``[mount] log_level``."""
+    level = logging.DEBUG if opts.debug else getattr(logging, level_name.upper())
     handlers: list[logging.Handler] = []
     if opts.log_file:
         Path(opts.log_file).parent.mkdir(parents=True, exist_ok=True)
@@ -328,7 +329,7 @@ def serve(config: Config, mountpoint: str, opts: MountOptions, foreground: bool,
                 os.write(ready_fd, msg.encode())
                 os.close(ready_fd)
 
-    _setup_logging(opts, foreground)
+    _setup_logging(opts, foreground, config.log_level)
     pidfile = pidfile_for(mountpoint)  # realpath() stats the mount point: only before mounting
     try:
         stores = open_stores(config, opts.degraded)

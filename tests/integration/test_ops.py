@@ -158,6 +158,20 @@ def test_metrics_address_in_use_fails_the_mount(tmp_path: Path,
     assert not os.path.ismount(tmp_path / "mnt")
 
 
+def test_log_level_from_config_and_debug_option(mount_factory: Any,
+                                                file_store_table: dict[str, Any]) -> None:
+    """[mount] log_level = "warning" drops the INFO lines; -o debug logs every request."""
+    Path(file_store_table["path"], "a.raw").write_bytes(b"a")
+    quiet = mount_factory({"s": file_store_table}, debug=False, mount={"log_level": "warning"})
+    loud = mount_factory({"t": file_store_table}, debug=True, mount={"log_level": "warning"})
+    for m, sid in ((quiet, "s"), (loud, "t")):
+        assert m.path(sid, "a.raw").read_bytes() == b"a"
+        assert not os.path.exists(m.path(sid, "missing.raw"))
+    assert " INFO " not in quiet.log_text() and " DEBUG " not in quiet.log_text()
+    assert " INFO imagefs: mounted " in loud.log_text()
+    assert "lookup: ENOENT (t/missing.raw)" in loud.log_text()
+
+
 # ---------------------------------------------------------------------------- check-config
 def test_check_config_connect(tmp_path: Path, file_store_table: dict[str, Any],
                               s3_store_table: dict[str, Any],

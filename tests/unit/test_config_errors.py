@@ -70,6 +70,7 @@ CASES = [
     ("metrics-bad-port", '[mount]\nmetrics = "127.0.0.1:99999"\n' + FILE, "mount.metrics",
      "port"),
     ("metrics-not-string", "[mount]\nmetrics = 9488\n" + FILE, "mount.metrics", "string"),
+    ("bad-log-level", '[mount]\nlog_level = "verbose"\n' + FILE, "mount.log_level", "one of"),
     ("bad-store-id", '[stores."bad id"]\ntype = "file"\npath = "/a"\n', "stores.bad id",
      "store id"),
     ("reserved-id", '[stores.default]\ntype = "file"\npath = "/a"\n', "stores.default",
