@@ -98,7 +98,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             said = True
         time.sleep(0.5)
-    while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+    while pid is not None and daemon.process_running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)  # the daemon drains and closes its stores before exiting
     return 0
 

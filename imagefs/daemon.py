@@ -398,6 +398,12 @@ def _daemon_alive(pidfile: Path) -> bool:
         pid = int(pidfile.read_text())
     except (OSError, ValueError):
         return False
+    return process_running(pid)
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not exited (a zombie its parent has not reaped yet,
+    e.g. a test or a supervisor that waits later, has exited)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie serves nothing

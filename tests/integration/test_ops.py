@@ -262,6 +262,53 @@ def test_notify_socket_ready_status_stopping(tmp_path: Path,
     assert not any(line[:4].isdigit() for line in lines), "timestamps doubled in the journal"
 
 
+def test_systemd_stop_lets_a_copy_finish_then_unmounts(tmp_path: Path,
+                                                       file_store_table: dict[str, Any]
+                                                       ) -> None:
+    """The unit's ExecStop, run as systemctl stop would, on a daemon run as the unit runs it:
+    a copy still writing when the stop begins finishes and is published whole; then the mount
+    goes, the daemon says STOPPING=1 and exits 0 (SIGTERM, the next step, is not needed)."""
+    unit = (REPO / "systemd" / "imagefs@.service").read_text()
+    (stop,) = [line.split("=", 1)[1].lstrip("-") for line in unit.splitlines()
+               if line.startswith("ExecStop=")]
+    argv = stop.split()
+    assert argv[0] == "/usr/local/bin/imagefs" and argv[-1] == "/var/lib/imagefs/%i"
+    cfg = write_config(tmp_path, {"s": file_store_table})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    notify = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sd:
+        sd.bind(str(notify))
+        sd.settimeout(60)
+        daemon = subprocess.Popen([*IMAGEFS, "mount", "--foreground", str(cfg), str(mnt)],
+                                  env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        copy = None
+        try:
+            assert "READY=1" in sd.recv(4096).decode().splitlines()
+            copy = subprocess.Popen([sys.executable, "-c", (
+                "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'c'*1000000); f.flush();"
+                "print('ready',flush=True); time.sleep(2); f.write(b'd'*1000000); f.close()"),
+                str(mnt / "s" / "copy.raw")], stdout=subprocess.PIPE, text=True)
+            assert copy.stdout is not None and copy.stdout.readline().strip() == "ready"
+            r = subprocess.run([*IMAGEFS, *argv[1:-1], str(mnt)], capture_output=True,
+                               text=True, timeout=120)
+            assert r.returncode == 0, r.stderr
+            assert copy.wait(60) == 0
+            assert "STOPPING=1" in sd.recv(4096).decode().splitlines()
+            assert daemon.wait(60) == 0
+        finally:
+            for p in (copy, daemon):
+                if p is not None and p.poll() is None:
+                    p.kill()
+                    p.wait()
+            if os.path.ismount(mnt):
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    assert Path(file_store_table["path"], "copy.raw").read_bytes() == b"c" * 1000000 + \
+        b"d" * 1000000
+    assert not os.path.ismount(mnt)
+
+
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     """systemd-analyze verify on an instance of the template (it needs ExecStart's binary and
     the Documentation= man page where tools/setup.sh installs them)."""
