@@ -35,7 +35,7 @@ say "check the config and reach every store"
 imagefs check-config "$dir/images.toml" --connect
 
 say "mount it from an fstab line with mount -a"
-echo "$dir/images.toml $dir/mnt fuse.imagefs _netdev,allow_other 0 0" > "$dir/fstab"
+echo "$dir/images.toml $dir/mnt fuse.imagefs _netdev,allow_other,x-systemd.automount 0 0" > "$dir/fstab"
 mount -a -T "$dir/fstab"
 trap 'umount "$dir/mnt" 2>/dev/null || true' EXIT
 ls -l "$dir/mnt" "$dir/mnt/fast"
