@@ -179,3 +179,17 @@ def test_secret_files_of_every_type_are_checked(tmp_path: Path,
         with pytest.raises(SystemExit):
             cli.main(["check-config", str(cfg)])
         assert f"stores.a.{key}: the secret file {loose} is readable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "expected"), [("127.0.0.1:9488", ("127.0.0.1", 9488)),
+                                                ("[::1]:9488", ("::1", 9488)),
+                                                ("localhost:1", ("localhost", 1))])
+def test_metrics_addresses_accepted(text: str, expected: tuple[str, int], tmp_path: Path
+                                    ) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[mount]\nmetrics = "{text}"\nlog_level = "warning"\n' + FILE)
+    from imagefs import config
+
+    c = config.load(cfg)
+    assert c.metrics == expected and c.log_level == "warning"
+    assert config.load(tmp_path / "c.toml").stop_timeout == 30.0
