@@ -8,12 +8,14 @@ in the background and its result is dropped.
 
 from __future__ import annotations
 
+import errno
 import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import trio
 
+from imagefs import stats
 from imagefs.stores.base import BackendError, Store
 
 T = TypeVar("T")
@@ -35,13 +37,29 @@ async def call(store: Store, fn: Callable[..., T], *args: Any, timeout: float | 
     """Run ``fn(*args, **kwargs)`` for ``store`` in a thread, bounded by the store's timeout."""
     deadline = store.timeout if timeout is None else timeout
     bound = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
+    stats.request(store.id)
     with trio.move_on_after(deadline) as scope:
-        return await trio.to_thread.run_sync(bound, limiter=limiter_for(store),
-                                             abandon_on_cancel=True)
+        try:
+            return await trio.to_thread.run_sync(bound, limiter=limiter_for(store),
+                                                 abandon_on_cancel=True)
+        except Exception as e:
+            stats.error(store.id, _errno_of(e))
+            raise
     if scope.cancelled_caught:
-        raise BackendError(f"store {store.id}: {getattr(fn, '__name__', 'call')} took longer "
-                           f"than {deadline:g}s", retryable=True)
+        stats.error(store.id, errno.EIO)
+        # Store methods take the image name first: the log line then names the image too.
+        image = f" {args[0]}" if args and isinstance(args[0], str) else ""
+        raise BackendError(f"store {store.id}: {getattr(fn, '__name__', 'call')}{image} took "
+                           f"longer than {deadline:g}s", retryable=True)
     raise AssertionError("unreachable")
+
+
+def _errno_of(e: BaseException) -> int:
+    """The errno the FUSE layer turns ``e`` into (fs.py owns the mapping; imported here
+    late because fs imports this module)."""
+    from imagefs.fs import errno_of
+
+    return errno_of(e)
 
 
 async def local(fn: Callable[..., T], *args: Any,

@@ -44,7 +44,10 @@ class Catalog:
     async def list(self) -> list[ImageInfo]:
         if self._listing is not None and self._fresh(self._listed_at):
             return [self._entries[n][0] for n in self._listing if n in self._entries]
-        infos = await bridge.call(self.store, lambda: list(self.store.list()))
+        def listing() -> list[ImageInfo]:  # named: a deadline's error says "listing"
+            return list(self.store.list())
+
+        infos = await bridge.call(self.store, listing)
         now = time.monotonic()
         self._entries = {i.name: (i, now) for i in infos}
         self._listing = [i.name for i in infos]

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from imagefs import config as config_mod
 from imagefs import hashing
@@ -97,9 +98,55 @@ def cmd_umount(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             said = True
         time.sleep(0.5)
-    while pid is not None and os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+    while pid is not None and daemon.process_running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)  # the daemon drains and closes its stores before exiting
     return 0
+
+
+def _real_without_stat(path: str) -> str:
+    """The real path of a mount point without a request to the mount itself (the parent is
+    resolved; the last component, a mount point, is not a symbolic link)."""
+    path = os.path.abspath(path).rstrip("/") or "/"
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else path
+
+
+def _status_socket(mnt: str) -> Path:
+    """The socket of the mount on ``mnt``: this user's, else root's (a mount by systemd or
+    fstab), so that the answer is "permission denied" rather than "no mount"."""
+    from imagefs import status
+
+    own = status.socket_for(pidfile_for(mnt, resolved=True))
+    system = Path("/run/imagefs") / own.name
+    return own if own.exists() or not system.exists() else system
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``imagefs status``: the daemon's own report, from its status socket (see status.py)."""
+    import json
+
+    from imagefs import status
+
+    mnt = _real_without_stat(args.mountpoint)
+    sock = _status_socket(mnt)
+    if not sock.exists() and os.path.islink(mnt):  # mounted through a symbolic link
+        mnt = os.path.realpath(mnt)
+        sock = _status_socket(mnt)
+    try:
+        r = status.query(sock)
+    except status.StatusError as e:
+        return _fail(f"{mnt}: {e}")
+    print(json.dumps(r, indent=2) if args.json else status.format_text(r))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from imagefs import check
+
+    cfg = _load(args.config)
+    results = check.connect(cfg) if args.connect else None
+    print(check.report(cfg, results))
+    return EXIT_FAIL if results and not all(r.ok for r in results) else 0
 
 
 def cmd_stores(args: argparse.Namespace) -> int:
@@ -173,6 +220,25 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds to wait for open files (default 600)")
     u.set_defaults(func=cmd_umount)
 
+    st = sub.add_parser("status", help="what a running mount is doing",
+                        description="Per store: bytes read and written, backend calls, "
+                                    "errors by errno, cache hits, open files, uploads in "
+                                    "flight; the daemon's pid, uptime and memory. Asks the "
+                                    "daemon (root, or the user who mounted).")
+    st.add_argument("mountpoint")
+    st.add_argument("--json", action="store_true", help="the report as JSON")
+    st.set_defaults(func=cmd_status)
+
+    cc = sub.add_parser("check-config", help="validate a config; --connect tries each store",
+                        description="Validate CONFIG as mount does (exit 2 naming the file "
+                                    "and key). With --connect, open every store and list one "
+                                    "page: one line per store, ok or the reason; exit 1 if "
+                                    "any store fails.")
+    cc.add_argument("config", help="TOML configuration file")
+    cc.add_argument("--connect", action="store_true",
+                    help="open each store and list one page (no leftover clean-up)")
+    cc.set_defaults(func=cmd_check_config)
+
     s = sub.add_parser("stores", help="list the configured stores",
                        description="One row per store: id, type, description, default, "
                                    "read-only, weight, usage.")
@@ -242,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parser_commands() -> set[str]:
-    return {"mount", "umount", "stores", "demo", "copy", "hash", "verify", "location"}
+    return {"mount", "umount", "status", "check-config", "stores", "demo", "copy", "hash",
+            "verify", "location"}
 
 
 def mount_helper(argv: list[str] | None = None) -> int:

@@ -57,7 +57,9 @@ def parse_size(text: str | int) -> int:
 class Option:
     """One type-specific store key: its kind, whether required, and its default.
 
-    kinds: str, path, bool, int, float, size, list (of str), or a tuple of allowed strings.
+    kinds: str, path, secret_file (a path to a file holding a credential, see
+    ``_check_secret_file``), bool, int, float, size, list (of str), or a tuple of allowed
+    strings.
     """
 
     kind: Any = "str"
@@ -72,7 +74,7 @@ def _expect(kind: Any) -> str:
     return {
         "str": "a string", "path": "a path string", "bool": "true or false",
         "int": "an integer", "float": "a number", "size": 'a size like "4MiB"',
-        "list": "a list of strings", "secret": "a string",
+        "list": "a list of strings", "secret_file": "a path string",
     }[kind]
 
 
@@ -82,11 +84,11 @@ def _convert(kind: Any, value: Any) -> Any:
         if value not in kind:
             raise ValueError(_expect(kind))
         return value
-    if kind in ("str", "secret"):
+    if kind == "str":
         if not isinstance(value, str):
             raise ValueError(_expect(kind))
         return value
-    if kind == "path":
+    if kind in ("path", "secret_file"):
         if not isinstance(value, str) or not value:
             raise ValueError(_expect(kind))
         return os.path.expanduser(value)
@@ -169,6 +171,10 @@ class Config:
     #: Seconds SIGTERM/SIGINT waits for requests in flight (uploads being published) before
     #: they are aborted; a second signal aborts at once. Nothing partial is ever published.
     stop_timeout: float = 30.0
+    #: (host, port) of the Prometheus metrics endpoint; None: no endpoint (the default).
+    metrics: tuple[str, int] | None = None
+    #: Least severe log messages written (``-o debug`` overrides it).
+    log_level: str = "info"
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -185,6 +191,7 @@ _COMMON_STORE_KEYS: dict[str, Option] = {
     "timeout": Option("float", default=60.0),
     "concurrency": Option("int", default=0),
     "chown": Option(("refuse", "ignore", "keep"), default="refuse"),
+    "allow_readable_secret_file": Option("bool", default=False),
 }
 
 _CACHE_KEYS: dict[str, Option] = {
@@ -199,6 +206,32 @@ _CACHE_KEYS: dict[str, Option] = {
     "spool_trim_after": Option("size", default=1 << 30),
 }
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+#: The tables and keys of the file's top level.
+TOP_KEYS = frozenset({"cache", "hash", "mount", "stores", "metadata_ttl"})
+
+_HASH_KEYS: dict[str, Option] = {
+    "algo": Option(hashing.ALGOS, default="sha512"),
+    "inline_max": Option("size", default=HashConfig.inline_max),
+    "background_max": Option("size", default=HashConfig.background_max),
+}
+
+_MOUNT_KEYS: dict[str, Option] = {
+    "stop_timeout": Option("float", default=30.0),
+    "metrics": Option("str", default=None),
+    "log_level": Option(LOG_LEVELS, default="info"),
+}
+
+_ADDRESS = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$")
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:9488' or '[::1]:9488' → (host, port). Raises ValueError with the form."""
+    m = _ADDRESS.match(text)
+    if not m or not 0 < int(m.group(3)) < 65536:
+        raise ValueError('an address like "127.0.0.1:9488" or "[::1]:9488" (port 1-65535)')
+    return m.group(1) or m.group(2), int(m.group(3))
 
 
 def default_cache_dir() -> Path:
@@ -257,15 +290,19 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(data: Mapping[str, Any], p: Path) -> Config:
     """Validate an already-parsed TOML document (also used for the embedded demo config)."""
     c = _Checker(p)
-    top = {"cache": None, "hash": None, "mount": None, "stores": None, "metadata_ttl": None}
-    unknown = sorted(set(data) - set(top))
+    unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
         raise c.fail(unknown[0], "unknown key (known keys: "
-                     + ", ".join(sorted(top)) + ")")
-    mount = c.table("mount", data.get("mount", {}),
-                    {"stop_timeout": Option("float", default=Config.stop_timeout)})
+                     + ", ".join(sorted(TOP_KEYS)) + ")")
+    mount = c.table("mount", data.get("mount", {}), _MOUNT_KEYS)
     if mount["stop_timeout"] < 0:
         raise c.fail("mount.stop_timeout", "expected a number of seconds ≥ 0")
+    metrics = None
+    if mount["metrics"] is not None:
+        try:
+            metrics = parse_address(mount["metrics"])
+        except ValueError as e:
+            raise c.fail("mount.metrics", f"expected {e}, got {mount['metrics']!r}") from None
 
     cache = c.table("cache", data.get("cache", {}), _CACHE_KEYS)
     if cache["block_size"] < 4096 or cache["block_size"] & (cache["block_size"] - 1):
@@ -280,10 +317,7 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
         page_cache=cache["page_cache"],
         spool_trim_after=cache["spool_trim_after"],
     )
-    hashes = c.table("hash", data.get("hash", {}),
-                     {"algo": Option(hashing.ALGOS, default="sha512"),
-                      "inline_max": Option("size", default=HashConfig.inline_max),
-                      "background_max": Option("size", default=HashConfig.background_max)})
+    hashes = c.table("hash", data.get("hash", {}), _HASH_KEYS)
 
     ttl = data.get("metadata_ttl", 2.0)
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl < 0:
@@ -299,7 +333,37 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
                      f"only one store may be the default (stores.{defaults[0]} already is)")
     return Config(path=p, cache=cache_cfg, hash=HashConfig(**hashes),
                   stores=tuple(stores), metadata_ttl=float(ttl),
-                  stop_timeout=mount["stop_timeout"])
+                  stop_timeout=mount["stop_timeout"], metrics=metrics,
+                  log_level=mount["log_level"])
+
+
+def _refuse_inline_secrets(c: _Checker, prefix: str, table: Mapping[str, Any],
+                           spec: Mapping[str, Option]) -> None:
+    """``secret_access_key = "..."`` where ``secret_access_key_file`` is the key: say where a
+    secret goes instead of only "unknown key" (and never echo the value)."""
+    for key in table:
+        if key not in spec and spec.get(f"{key}_file", Option()).kind == "secret_file":
+            raise c.fail(f"{prefix}.{key}", f"secrets are not accepted in the config file; put "
+                         f"it in a file readable by the daemon's user only (chmod 600) and "
+                         f"name that file in {key}_file")
+
+
+def _check_secret_file(c: _Checker, key: str, path: str) -> None:
+    """A credential file others can read is refused: whoever reads it has the store.
+
+    Mode bits only, on the file as named (links followed): group- or other-readable is an
+    error unless the store sets ``allow_readable_secret_file = true`` (a group-shared
+    credential on purpose). A file that does not exist, or cannot be stat'ed, is left to
+    opening the store, which names it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o044:
+        who = {0o044: "group and others", 0o040: "its group", 0o004: "others"}[mode & 0o044]
+        raise c.fail(key, f"the secret file {path} is readable by {who} (mode "
+                     f"{mode & 0o777:o}); chmod 600 it, or set allow_readable_secret_file = "
+                     "true in this store")
 
 
 def _store(c: _Checker, sid: str, table: Any) -> StoreConfig:
@@ -320,7 +384,11 @@ def _store(c: _Checker, sid: str, table: Any) -> StoreConfig:
                      f"unknown store type {stype!r}; expected one of " + ", ".join(store_types()))
     spec = dict(_COMMON_STORE_KEYS)
     spec.update(option_specs(stype))
+    _refuse_inline_secrets(c, prefix, table, spec)
     values = c.table(prefix, table, spec)
+    for key, opt in spec.items():
+        if opt.kind == "secret_file" and values[key] and not values["allow_readable_secret_file"]:
+            _check_secret_file(c, f"{prefix}.{key}", values[key])
     if values["timeout"] <= 0:
         raise c.fail(f"{prefix}.timeout", "expected a positive number of seconds")
     if values["concurrency"] < 0:

@@ -22,10 +22,11 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from imagefs import kernel
+from imagefs import kernel, stats, status
 from imagefs import stores as registry
 from imagefs.cache import BlockCache, DiskCache, MemoryCache
 from imagefs.config import Config
@@ -40,6 +41,10 @@ log = logging.getLogger("imagefs")
 IGNORED_OPTIONS = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser",
                    "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
                    "relatime", "strictatime", "rw", "async", "sync"}
+
+
+#: The ``-o`` options imagefs itself takes, as imagefs(8) lists them.
+OPTION_FORMS = ("ro", "allow_other", "debug", "degraded", "log=PATH", "fsname=NAME")
 
 
 class MountError(Exception):
@@ -77,8 +82,8 @@ class MountOptions:
                 elif key == "fsname" and value:
                     o.fsname = value
                 else:
-                    raise ValueError(f"unknown mount option {item!r} (known: ro, allow_other, "
-                                     "debug, degraded, log=PATH, fsname=NAME)")
+                    raise ValueError(f"unknown mount option {item!r} (known: "
+                                     + ", ".join(OPTION_FORMS) + ")")
         return o
 
 
@@ -87,8 +92,11 @@ def runtime_dir() -> Path:
         Path(os.environ.get("XDG_RUNTIME_DIR", f"/tmp/imagefs-{os.getuid()}")) / "imagefs"
 
 
-def pidfile_for(mountpoint: str) -> Path:
-    digest = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+def pidfile_for(mountpoint: str, resolved: bool = False) -> Path:
+    """``resolved``: ``mountpoint`` is already a real path; realpath() would stat the mount
+    root, a FUSE request that a stuck daemon never answers (``imagefs status`` must not hang)."""
+    path = mountpoint if resolved else os.path.realpath(mountpoint)
+    digest = hashlib.sha1(path.encode()).hexdigest()[:16]
     return runtime_dir() / f"{digest}.pid"
 
 
@@ -103,16 +111,29 @@ def _sd_notify(message: str) -> None:
         s.sendall(message.encode())
 
 
-def _setup_logging(opts: MountOptions, foreground: bool) -> None:
-    level = logging.DEBUG if opts.debug else logging.INFO
+def _stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=DEVICE:INODE when it connects stderr to the journal."""
+    try:
+        dev, ino = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def _setup_logging(opts: MountOptions, foreground: bool, level_name: str = "info") -> None:
+    """``-o debug`` wins over ``[mount] log_level``."""
+    level = logging.DEBUG if opts.debug else getattr(logging, level_name.upper())
     handlers: list[logging.Handler] = []
     if opts.log_file:
         Path(opts.log_file).parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(opts.log_file))
     if foreground or not handlers:
         handlers.append(logging.StreamHandler(sys.stderr))
+    # The journal stamps every line itself: a second timestamp would only be noise there.
+    stamp = "" if foreground and not opts.log_file and _stderr_is_journal() else "%(asctime)s "
     logging.basicConfig(level=level, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=stamp + "%(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "swiftclient"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -217,7 +238,9 @@ async def _serve(fs: ImageFS, mountpoint: str, readahead_kib: int,
                     if serving.deadline == math.inf:
                         log.info("signal %s: unmounting; requests in flight get %gs to finish",
                                  name, stop_timeout)
-                        _sd_notify("STOPPING=1")
+                        _sd_notify(f"STOPPING=1\nSTATUS=stopping on {name}: "
+                                   f"{status.uploads_in_flight(fs)} upload(s) in flight get "
+                                   f"{stop_timeout:g}s")
                         serving.deadline = trio.current_time() + stop_timeout
                         pyfuse3.terminate()
                     else:
@@ -231,7 +254,7 @@ async def _serve(fs: ImageFS, mountpoint: str, readahead_kib: int,
             await pyfuse3.main(min_tasks=4, max_tasks=64)
         if serving.cancelled_caught:
             log.warning("requests still in flight were aborted; nothing partial was published")
-        _sd_notify("STOPPING=1")
+        _sd_notify("STOPPING=1\nSTATUS=unmounting: discarding unpublished writes")
         with trio.move_on_after(max(stop_timeout, 1.0)) as draining:
             await fs.drain()
         if draining.cancelled_caught:
@@ -263,6 +286,40 @@ def _bound_allocator() -> None:
         log.debug("mallopt unavailable: %s", e)
 
 
+def _start_reporting(config: Config, fs: ImageFS, mountpoint: str, pidfile: Path
+                     ) -> tuple[status.StatusServer, Any]:
+    """The status socket (always) and the Prometheus endpoint (``[mount] metrics``), both
+    answered from their own threads by the same report."""
+    def make_report() -> status.Report:
+        return status.report(fs, mountpoint, str(config.path))
+
+    try:
+        status_server = status.StatusServer(status.socket_for(pidfile), make_report)
+    except OSError as e:
+        raise MountError(f"status socket {status.socket_for(pidfile)}: {e.strerror or e}"
+                         ) from None
+    if config.metrics is None:
+        return status_server, None
+    from imagefs import metrics
+
+    host, port = config.metrics
+    try:
+        server = metrics.start(host, port, make_report)
+    except OSError as e:
+        status_server.close()
+        raise MountError(f"metrics address {host}:{port} ([mount] metrics): "
+                         f"{e.strerror or e}") from None
+    log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", port)
+    return status_server, server
+
+
+def _stop_reporting(status_server: status.StatusServer, metrics_server: Any) -> None:
+    status_server.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+        metrics_server.server_close()
+
+
 def serve(config: Config, mountpoint: str, opts: MountOptions, foreground: bool,
           ready_fd: int | None = None) -> int:
     """Mount and serve until unmounted. Reports readiness/failure on ``ready_fd``."""
@@ -276,11 +333,13 @@ def serve(config: Config, mountpoint: str, opts: MountOptions, foreground: bool,
                 os.write(ready_fd, msg.encode())
                 os.close(ready_fd)
 
-    _setup_logging(opts, foreground)
+    _setup_logging(opts, foreground, config.log_level)
     pidfile = pidfile_for(mountpoint)  # realpath() stats the mount point: only before mounting
     try:
         stores = open_stores(config, opts.degraded)
+        stats.reset([s.id for s in stores])
         fs = build_fs(config, stores, mountpoint, opts)
+        status_server, metrics_server = _start_reporting(config, fs, mountpoint, pidfile)
         fuse_opts = set(pyfuse3.default_options)
         fuse_opts |= {f"fsname={opts.fsname}:{config.path}", "subtype=imagefs",
                       "default_permissions"}
@@ -291,6 +350,7 @@ def serve(config: Config, mountpoint: str, opts: MountOptions, foreground: bool,
         try:
             pyfuse3.init(fs, mountpoint, fuse_opts)
         except RuntimeError as e:
+            _stop_reporting(status_server, metrics_server)
             raise MountError(f"cannot mount on {mountpoint}: {e}") from None
     except MountError as e:
         log.error("%s", e)
@@ -302,13 +362,14 @@ def serve(config: Config, mountpoint: str, opts: MountOptions, foreground: bool,
     log.info("mounted %s on %s: stores %s", config.path, mountpoint,
              ", ".join(f"{s.id} ({s.type_name})" for s in stores))
     report("ok")
-    _sd_notify("READY=1")
+    _sd_notify(f"READY=1\nSTATUS=serving {len(stores)} store(s) on {mountpoint}")
     try:
         trio.run(_serve, fs, mountpoint, max(1024, config.cache.readahead // 1024),
                  config.stop_timeout)
     finally:
         with contextlib.suppress(Exception):
             pyfuse3.close(unmount=True)
+        _stop_reporting(status_server, metrics_server)
         for s in stores:
             with contextlib.suppress(Exception):
                 s.close()
@@ -341,6 +402,12 @@ def _daemon_alive(pidfile: Path) -> bool:
         pid = int(pidfile.read_text())
     except (OSError, ValueError):
         return False
+    return process_running(pid)
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not exited (a zombie its parent has not reaped yet,
+    e.g. a test or a supervisor that waits later, has exited)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie serves nothing

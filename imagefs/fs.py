@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from imagefs import bridge
+from imagefs import bridge, stats
 from imagefs.background_hash import BackgroundHasher
 from imagefs.catalog import Catalog
 from imagefs.hashing import META_VALUE, parse_hashes
@@ -818,7 +818,7 @@ class ImageFS(pyfuse3.Operations):
         h = self._handle(fh)
         if h.reader is not None:
             try:
-                return await h.reader.read(off, size)
+                return stats.read(h.store.id, await h.reader.read(off, size))
             except Changed:
                 if h.node.name is not None:  # the next stat or open asks the backend again
                     self.catalogs[h.store.id].forget(h.node.name)
@@ -831,7 +831,7 @@ class ImageFS(pyfuse3.Operations):
         h = self._handle(fh)
         if h.writer is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await h.writer.write(off, buf)
+        return stats.written(h.store.id, await h.writer.write(off, buf))
 
     def _published(self, node: Node, info: ImageInfo) -> None:
         self.catalogs[node.store_id].put(info)

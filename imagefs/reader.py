@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from imagefs import bridge
+from imagefs import bridge, stats
 from imagefs.cache import BlockCache
 from imagefs.stores.base import BackendError, ImageInfo, Store, StoreError
 
@@ -118,6 +118,7 @@ class BlockSource:
         for i in range(first, last + 1):
             key = self.key(store, info, i)
             data = self.cache.get_memory(key)
+            stats.cache(store.id, "memory", hit=data is not None)
             if data is not None:
                 out[i - first] = data
                 self._start(store, info, run)  # a run is consecutive blocks
@@ -220,6 +221,7 @@ class BlockSource:
         offset = run.start * bs
         length = min(len(run.keys) * bs, info.size - offset)
         token = trio.lowlevel.current_trio_token()
+        stats.cache(store.id, "disk", hit=False, n=len(run.keys))
 
         def deliver(data: bytes) -> None:
             if run.dead:
@@ -271,6 +273,7 @@ class BlockSource:
             log.warning("disk cache: %s", e)
             data = None
         if data is not None and len(data) == want:
+            stats.cache(store.id, "disk", hit=True)
             self._resolve(key, p, data=data, on_disk=True)
             return
         run = _Run(start=index, keys=[key], pendings=[p])

@@ -13,7 +13,8 @@ TESTING="ceph-mon ceph-osd ceph-common radosgw python3-rados python3-rbd rbd-fus
  swift swift-proxy swift-account swift-container swift-object memcached nginx-light
  qemu-utils fio rsync attr curl xfsprogs iproute2 procps
  python3-glance-store python3-boto3
- python3-cinder python3-cinderclient rabbitmq-server dmidecode"
+ python3-cinder python3-cinderclient rabbitmq-server dmidecode
+ mandoc systemd"
 # FUSE peers the benchmarks compare imagefs with (rbd-fuse is in TESTING already)
 BENCH="s3fs rclone"
 want="$RUNTIME"
@@ -25,14 +26,24 @@ if [ "$(id -u)" != 0 ]; then
   exit 2
 fi
 
+# Quiet unless something fails: a step's output is shown only when it exits non-zero.
+quiet() {
+  local out
+  if ! out=$("$@" 2>&1); then
+    printf '%s\n' "$out" >&2
+    echo "tools/setup.sh: failed: $*" >&2
+    exit 1
+  fi
+}
+
 missing=$(for p in $want; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null \
   | grep -q "install ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
   echo "== apt-get install:" $missing
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  quiet apt-get update -qq
   # shellcheck disable=SC2086
-  apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  quiet apt-get install -y -qq --no-install-recommends $missing
 fi
 
 # The Ceph bindings are Debian-only (not on PyPI). The venv sees just those two modules (a .pth
@@ -49,14 +60,20 @@ for so in /usr/lib/python3/dist-packages/rados.cpython-*.so /usr/lib/python3/dis
   if [ -e "$so" ]; then ln -sfn "$so" .venv/debian-bindings/; fi
 done
 echo "$PWD/.venv/debian-bindings" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian-bindings.pth"
-if ! .venv/bin/python -c 'import imagefs, pyfuse3, trio, cachetools, boto3, swiftclient, pytest' 2>/dev/null; then
+if ! .venv/bin/python -c 'import imagefs, pyfuse3, trio, cachetools, boto3, swiftclient, prometheus_client, pytest' 2>/dev/null; then
   echo "== pip install"
-  .venv/bin/pip install -q --upgrade pip >/dev/null
-  .venv/bin/pip install -q -e '.[test]'
+  quiet .venv/bin/pip install -q --upgrade pip
+  quiet .venv/bin/pip install -q -e '.[test]'
 fi
 modprobe fuse 2>/dev/null || true
 # Commands where mount(8), fstab (type imagefs or fuse.imagefs) and systemd/imagefs@.service
 # look for them: symlinks into this checkout's venv.
 ln -sfn "$PWD/.venv/bin/imagefs" /usr/local/bin/imagefs
 ln -sfn "$PWD/.venv/bin/mount.imagefs" /usr/sbin/mount.imagefs
+# The manual pages, where man(1) and the unit's Documentation=man:imagefs(8) find them.
+for page in man/*.[0-9]; do
+  sect="${page##*.}"
+  mkdir -p "/usr/local/share/man/man$sect"
+  ln -sfn "$PWD/$page" "/usr/local/share/man/man$sect/$(basename "$page")"
+done
 echo "== setup done: $(.venv/bin/imagefs --version)"

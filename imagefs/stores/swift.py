@@ -744,7 +744,7 @@ class SwiftStore(Store):
         "auth_version": Option(("1", "3"), default=None,
                                help='"1" (tempauth, RGW) or "3" (Keystone)'),
         "user": Option("str", default=None, help="default $ST_USER or $OS_USERNAME"),
-        "key_file": Option("path", default=None,
+        "key_file": Option("secret_file", default=None,
                            help="file holding the key; default $ST_KEY or $OS_PASSWORD"),
         "project_name": Option("str", default=None, help="Keystone v3 project"),
         "user_domain_name": Option("str", default=None, help="Keystone v3 user domain"),

@@ -38,6 +38,7 @@ def main() -> None:
                 f.write(os.urandom(MiB))
         secret = work / "secret"
         secret.write_text(str(info.s3_secret_key))
+        secret.chmod(0o600)
         table = {"type": "s3", "endpoint_url": info.s3_endpoint, "bucket": "bench",
                  "addressing_style": "path", "access_key_id": info.s3_access_key,
                  "secret_access_key_file": str(secret),

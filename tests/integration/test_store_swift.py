@@ -862,6 +862,7 @@ def test_configuration_errors_name_the_key(tmp_path: Path,
         monkeypatch.delenv(var, raising=False)
     key = tmp_path / "k"
     key.write_text("secret")
+    key.chmod(0o600)
     good = {"type": "swift", "auth_url": "http://127.0.0.1:1/auth/v1.0", "user": "a:b",
             "key_file": str(key), "container": "c"}
 

@@ -40,6 +40,7 @@ def test_names_glance_cannot_take(name: str, also: str) -> None:
 def test_s3_locations(tmp_path: Path) -> None:
     secret = tmp_path / "s"
     secret.write_text("se/cr+et\n")
+    secret.chmod(0o600)  # a readable secret file is refused
     base = f'type="s3"\nbucket="images"\naccess_key_id="AK"\nsecret_access_key_file="{secret}"\n'
     http = store(tmp_path, base + 'endpoint_url="http://10.0.0.1:7480"\n')
     # glance_store writes s3:// for an http host, and reads credentials only from the location
@@ -65,6 +66,7 @@ def test_s3_locations(tmp_path: Path) -> None:
 def test_swift_and_file_locations(tmp_path: Path) -> None:
     key = tmp_path / "k"
     key.write_text("testing\n")
+    key.chmod(0o600)
     sw = store(tmp_path, f'type="swift"\nauth_url="http://h/auth/v1.0"\nuser="t:t"\n'
                          f'key_file="{key}"\ncontainer="images"\nglance_reference="ref1"\n')
     assert sw.location("a b.raw") == sw.glance_location("a b.raw") == \

@@ -207,7 +207,7 @@ class CinderStore(Store):
         "project_id": Option("str", help="noauth: the project; keystone: scope by project id"),
         "auth_url": Option("str", help="keystone: the identity v3 URL"),
         "user": Option("str", help="keystone: user name"),
-        "password_file": Option("path", help="keystone: file holding the password"),
+        "password_file": Option("secret_file", help="keystone: file holding the password"),
         "project": Option("str", help="keystone: project name (or project_id)"),
         "user_domain": Option("str", default="Default"),
         "project_domain": Option("str", default="Default"),
