@@ -197,10 +197,10 @@ _COMMON_STORE_KEYS: dict[str, Option] = {
 _CACHE_KEYS: dict[str, Option] = {
     "dir": Option("path"),
     "disk_size": Option("size", default=20 << 30),
-    "memory_size": Option("size", default=128 << 20),
+    "memory_size": Option("size", default=64 << 20),
     "block_size": Option("size", default=1 << 20),
     "readahead": Option("size", default=64 << 20),
-    "max_prefetch_memory": Option("size", default=128 << 20),
+    "max_prefetch_memory": Option("size", default=64 << 20),
     "fetch_size": Option("size", default=16 << 20),
     "page_cache": Option("bool", default=True),
     "spool_trim_after": Option("size", default=1 << 30),
