@@ -518,10 +518,13 @@ class ImageFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EPERM)
             raise pyfuse3.FUSEError(errno.ENOENT)
         store = self.stores[node.store_id]
-        owner = self._owner_change(node, store, attr, fields)
-        changing = fields.update_size or fields.update_mode or fields.update_mtime or owner
-        if changing and self._read_only(store):
+        if self._read_only(store) and (fields.update_size or fields.update_mode
+                                       or fields.update_mtime or fields.update_uid
+                                       or fields.update_gid):
+            # Before the chown policy: a read-only store refuses every change with EROFS, as
+            # a read-only file system does (not EPERM for a chown that "refuse" would refuse).
             raise pyfuse3.FUSEError(errno.EROFS)
+        owner = self._owner_change(node, store, attr, fields)
         own = self._handles.get(fh) if fh is not None else None
         w = own.writer if own is not None and own.writer is not None else \
             await self._settled_writer(node)
@@ -694,6 +697,13 @@ class ImageFS(pyfuse3.Operations):
                                     else errno.ENOENT)
         store = self.stores[node.store_id]
         writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if not writing and flags & os.O_TRUNC:
+            # O_RDONLY|O_TRUNC truncates on Linux, and the kernel leaves it to us (it sends
+            # O_TRUNC with the open): without this a read-only store "allowed" it.
+            if self._read_only(store):
+                raise pyfuse3.FUSEError(errno.EROFS)
+            self._refuse_shrink_under_readers(node, 0, "open with O_TRUNC")
+            await self._truncate_published(node, store, 0)
         if not writing:
             # Readers see the published version, even while someone writes a new one.
             if node.name is None:
