@@ -167,9 +167,13 @@ def still_open_by(pid: int, path: str) -> bool:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return False
+    # " (deleted)": the kernel dropped the writer's dentry when another process's lookup of
+    # the still unpublished name got ENOENT; the descriptor is the same file (an unlinked
+    # image never gets here: its node has no name).
+    names = (path, path + " (deleted)")
     for fd in fds:
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == path and _writable_fd(pid, fd):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in names and _writable_fd(pid, fd):
                 return True
         except OSError:
             continue
@@ -533,7 +537,12 @@ class ImageFS(pyfuse3.Operations):
             if w is None:
                 await self._truncate_published(node, store, attr.st_size)
             else:
-                await w.truncate(attr.st_size)
+                try:
+                    await w.truncate(attr.st_size)
+                except NotFound as e:
+                    if own is None:
+                        raise
+                    raise Changed(f"{store.id}: {e}") from None  # ftruncate(2): see read
         meta: dict[str, str] = {}
         if fields.update_mode:
             meta[META_MODE] = f"{attr.st_mode & 0o7777:o}"
@@ -826,22 +835,27 @@ class ImageFS(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
-        if h.reader is not None:
-            try:
+        try:
+            if h.reader is not None:
                 return await h.reader.read(off, size)
-            except Changed:
-                if h.node.name is not None:  # the next stat or open asks the backend again
-                    self.catalogs[h.store.id].forget(h.node.name)
-                raise
-        assert h.writer is not None
-        return await h.writer.read(off, size)
+            assert h.writer is not None
+            return await h.writer.read(off, size)
+        except (Changed, NotFound) as e:
+            if h.reader is not None and h.node.name is not None:
+                self.catalogs[h.store.id].forget(h.node.name)  # the next stat asks again
+            # The version this descriptor reads was replaced or deleted: EIO. read(2) has no
+            # ENOENT; tools report it as "No such file or directory" for a file they hold.
+            raise Changed(f"{h.store.id}: {e}") from None
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
         if h.writer is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await h.writer.write(off, buf)
+        try:
+            return await h.writer.write(off, buf)
+        except NotFound as e:  # the image it started from was deleted: see read
+            raise Changed(f"{h.store.id}: {e}") from None
 
     def _published(self, node: Node, info: ImageInfo) -> None:
         self.catalogs[node.store_id].put(info)
