@@ -328,8 +328,10 @@ def test_backend_fault_under_reader_and_writer(case: Case, fault: str, mount_fac
             after_fault()
         finally:
             case.backend.restart(case.daemon)
+    states = {("read" if c is reader else "write"): "".join(sorted(c.states - {""}))
+              for c in clients}
     print(f"{case.kind} {fault} {case.daemon}: " +
-          ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
+          ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()) + f"; states seen {states}")
 
     # The reader got EIO, not a short file; the writer failed, not a success.
     err = reader.error()
