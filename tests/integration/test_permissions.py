@@ -176,8 +176,9 @@ def _every_change(d: Path) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("how", ["store", "mount"])
-@pytest.mark.parametrize("kind", ["file", "s3", "rbd", "swift"])
+# ``-o ro`` is the same check for every store type: once, on a file store.
+@pytest.mark.parametrize(("kind", "how"), [("file", "store"), ("file", "mount"), ("s3", "store"),
+                                           ("rbd", "store"), ("swift", "store")])
 def test_read_only_store_refuses_every_change_even_for_root(
         kind: str, how: str, mount_factory: Any, request: pytest.FixtureRequest) -> None:
     """``read_only = true`` on a store, or ``-o ro`` on the mount: EROFS for every change,
