@@ -155,36 +155,51 @@ def has_sys_admin(tid: int) -> bool:
         return False
 
 
-def still_open_by(pid: int, path: str) -> bool:
-    """Whether process ``pid`` still has ``path`` open (readlink only: no FUSE round trip).
+def still_open_by(pid: int, path: str, ino: int | None = None) -> bool:
+    """Whether process ``pid`` still has ``path`` (inode ``ino`` of this mount) open for
+    writing (readlink and fdinfo only: no FUSE round trip).
 
     FUSE sends FLUSH for every close of every copy of a descriptor: a child that inherited it
     and calls exec, a dup being closed. By the time FLUSH arrives the closing descriptor is
     already gone from its table, so if the process that opened the file still lists it, this
     was not the writer's own close and publishing now would expose a half-written image.
+
+    The inode decides where fdinfo shows it: the link of a descriptor may name the file as
+    it was when it was opened, with " (deleted)" (the kernel drops the writer's dentry when
+    another process's lookup of a still unpublished name gets ENOENT, and a later rename
+    moves another dentry), and then no longer matches ``path``.
     """
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return False
-    # " (deleted)": the kernel dropped the writer's dentry when another process's lookup of
-    # the still unpublished name got ENOENT; the descriptor is the same file (an unlinked
-    # image never gets here: its node has no name).
-    names = (path, path + " (deleted)")
+    mount_dir = os.path.dirname(os.path.dirname(path)) + "/"
     for fd in fds:
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") in names and _writable_fd(pid, fd):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link != path and not link.startswith(mount_dir):
+                continue
+            flags, fd_ino = _fdinfo(pid, fd)
+            if flags is not None and flags & os.O_ACCMODE == os.O_RDONLY:
+                continue  # a reader of the image in the writing process does not count
+            if link == path if ino is None or fd_ino is None else fd_ino == ino:
                 return True
         except OSError:
             continue
     return False
 
 
-def _writable_fd(pid: int, fd: str) -> bool:
-    """Only descriptors open for writing count: a reader of the same image in the writing
-    process must not hold back the publish its close should report on."""
-    flags = _proc_field(f"/proc/{pid}/fdinfo/{fd}", "flags")
-    return flags is None or int(flags, 8) & os.O_ACCMODE != os.O_RDONLY
+def _fdinfo(pid: int, fd: str) -> tuple[int | None, int | None]:
+    """The open flags and inode number of a descriptor (None where fdinfo lacks them)."""
+    flags = ino = None
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == "flags":
+                flags = int(value.strip(), 8)
+            elif key == "ino":
+                ino = int(value.strip())
+    return flags, ino
 
 
 _PF_EXITING = 0x4
@@ -892,7 +907,7 @@ class ImageFS(pyfuse3.Operations):
             return
         if h.pid and h.node.name is not None and self.settings.mountpoint:
             path = os.path.join(self.settings.mountpoint, h.store.id, h.node.name)
-            if await bridge.local(still_open_by, h.pid, path):
+            if await bridge.local(still_open_by, h.pid, path, h.node.ino):
                 log.debug("%s: flush from another descriptor copy; not publishing yet", path)
                 return
         await self._publish(h)

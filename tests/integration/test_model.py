@@ -481,25 +481,32 @@ def test_another_processs_lookup_does_not_make_a_dup_close_publish(
         file_store_table: dict[str, Any], mount_factory: Any) -> None:
     """Found by the model checker: another process's lookup of a new, unpublished image gets
     ENOENT, and the kernel drops the writer's dentry (its descriptors then read as
-    "PATH (deleted)" in /proc). Closing one of the writer's two descriptors then published
-    its half-written image, since the check for another descriptor of the same process
-    compared the path only."""
+    "PATH (deleted)" in /proc, under the name they were opened with, also after a rename).
+    Closing one of the writer's descriptors then published its half-written image, since the
+    check for another descriptor of the same process compared paths."""
     m = mount_factory({"s": file_store_table})
-    path = str(m.path("s", "new.raw"))
+    path, moved = str(m.path("s", "new.raw")), str(m.path("s", "moved.raw"))
+    store = Path(file_store_table["path"])
     writer, other = Worker(), Local()
     try:
         rw = os.O_RDWR | os.O_CREAT
-        writer.call(op="open", fd=0, path=path, flags=rw)
-        writer.call(op="open", fd=1, path=path, flags=rw)
+        for fd in (0, 1, 4):
+            writer.call(op="open", fd=fd, path=path, flags=rw)
         other.call(op="open", fd=2, path=path, flags=rw | os.O_TRUNC)  # looks it up first
         other.call(op="close", fd=2)  # its last close: publishes the empty image
         writer.call(op="write", fd=0, off=0, data=(b"w" * 68722).hex())
         writer.call(op="close", fd=1)  # the writer still holds fd 0: nothing to publish
-        assert os.stat(Path(file_store_table["path"]) / "new.raw").st_size == 0
+        assert os.stat(store / "new.raw").st_size == 0
         writer.call(op="open", fd=3, path=path, flags=os.O_RDONLY)
         assert writer.call(op="read", fd=3, off=0, size=MIB) == ""
+        writer.call(op="close", fd=3)
+        writer.call(op="rename", path=path, dst=moved)  # the writer's rename publishes
+        assert os.stat(store / "moved.raw").st_size == 68722
+        writer.call(op="write", fd=0, off=68722, data=(b"v" * 1000).hex())
+        writer.call(op="close", fd=4)  # still fd 0, opened under the old name: no publish
+        assert os.stat(store / "moved.raw").st_size == 68722
         writer.call(op="close", fd=0)
-        assert os.stat(Path(file_store_table["path"]) / "new.raw").st_size == 68722
+        assert os.stat(store / "moved.raw").st_size == 69722
     finally:
         writer.close()
         other.close()
