@@ -6,7 +6,8 @@ same bucket, container or pool, as two hypervisors share a Glance store.
 * A reader on the second host that opened before the replace reads the old bytes or gets EIO,
   never a mix: the content is checked, not only the length (the replacement has the same size).
 * Writers of one name on both hosts at once end with one whole image: exactly one writer's
-  bytes (one whose close succeeded), never a blend, by both mounts and the backend's client.
+  bytes (one whose close succeeded), never a blend, by both mounts and the backend's client;
+  and neither is refused as busy.
 """
 
 from __future__ import annotations
@@ -119,6 +120,10 @@ def test_writers_of_one_name_on_two_hosts_end_with_one_whole_image(
         ok = {h for h, r in results.items() if r.returncode == 0}
         closes = {h: r.stderr.decode()[-300:] for h, r in results.items()}
         assert ok, closes
+        # Nothing else uses the image: no EBUSY (RBD refused both, each host taking the
+        # other's check for a VM using it). A Swift writer whose manifest was replaced by the
+        # other's before it could confirm its own reports EIO: last writer wins, and says so.
+        assert not any("busy" in c for c in closes.values()), closes
         final = backend_bytes(table, "img.raw")
         winners = [h for h in ok if digest(images[h]) == digest(final)]
         assert winners, (f"round {round_}: the image is no successful writer's whole image "
