@@ -155,32 +155,51 @@ def has_sys_admin(tid: int) -> bool:
         return False
 
 
-def still_open_by(pid: int, path: str) -> bool:
-    """Whether process ``pid`` still has ``path`` open (readlink only: no FUSE round trip).
+def still_open_by(pid: int, path: str, ino: int | None = None) -> bool:
+    """Whether process ``pid`` still has ``path`` (inode ``ino`` of this mount) open for
+    writing (readlink and fdinfo only: no FUSE round trip).
 
     FUSE sends FLUSH for every close of every copy of a descriptor: a child that inherited it
     and calls exec, a dup being closed. By the time FLUSH arrives the closing descriptor is
     already gone from its table, so if the process that opened the file still lists it, this
     was not the writer's own close and publishing now would expose a half-written image.
+
+    The inode decides where fdinfo shows it: the link of a descriptor may name the file as
+    it was when it was opened, with " (deleted)" (the kernel drops the writer's dentry when
+    another process's lookup of a still unpublished name gets ENOENT, and a later rename
+    moves another dentry), and then no longer matches ``path``.
     """
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return False
+    mount_dir = os.path.dirname(os.path.dirname(path)) + "/"
     for fd in fds:
         try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == path and _writable_fd(pid, fd):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link != path and not link.startswith(mount_dir):
+                continue
+            flags, fd_ino = _fdinfo(pid, fd)
+            if flags is not None and flags & os.O_ACCMODE == os.O_RDONLY:
+                continue  # a reader of the image in the writing process does not count
+            if link == path if ino is None or fd_ino is None else fd_ino == ino:
                 return True
         except OSError:
             continue
     return False
 
 
-def _writable_fd(pid: int, fd: str) -> bool:
-    """Only descriptors open for writing count: a reader of the same image in the writing
-    process must not hold back the publish its close should report on."""
-    flags = _proc_field(f"/proc/{pid}/fdinfo/{fd}", "flags")
-    return flags is None or int(flags, 8) & os.O_ACCMODE != os.O_RDONLY
+def _fdinfo(pid: int, fd: str) -> tuple[int | None, int | None]:
+    """The open flags and inode number of a descriptor (None where fdinfo lacks them)."""
+    flags = ino = None
+    with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key == "flags":
+                flags = int(value.strip(), 8)
+            elif key == "ino":
+                ino = int(value.strip())
+    return flags, ino
 
 
 _PF_EXITING = 0x4
@@ -518,10 +537,13 @@ class ImageFS(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EPERM)
             raise pyfuse3.FUSEError(errno.ENOENT)
         store = self.stores[node.store_id]
-        owner = self._owner_change(node, store, attr, fields)
-        changing = fields.update_size or fields.update_mode or fields.update_mtime or owner
-        if changing and self._read_only(store):
+        if self._read_only(store) and (fields.update_size or fields.update_mode
+                                       or fields.update_mtime or fields.update_uid
+                                       or fields.update_gid):
+            # Before the chown policy: a read-only store refuses every change with EROFS, as
+            # a read-only file system does (not EPERM for a chown that "refuse" would refuse).
             raise pyfuse3.FUSEError(errno.EROFS)
+        owner = self._owner_change(node, store, attr, fields)
         own = self._handles.get(fh) if fh is not None else None
         w = own.writer if own is not None and own.writer is not None else \
             await self._settled_writer(node)
@@ -530,7 +552,12 @@ class ImageFS(pyfuse3.Operations):
             if w is None:
                 await self._truncate_published(node, store, attr.st_size)
             else:
-                await w.truncate(attr.st_size)
+                try:
+                    await w.truncate(attr.st_size)
+                except NotFound as e:
+                    if own is None:
+                        raise
+                    raise Changed(f"{store.id}: {e}") from None  # ftruncate(2): see read
         meta: dict[str, str] = {}
         if fields.update_mode:
             meta[META_MODE] = f"{attr.st_mode & 0o7777:o}"
@@ -694,6 +721,12 @@ class ImageFS(pyfuse3.Operations):
                                     else errno.ENOENT)
         store = self.stores[node.store_id]
         writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if not writing and flags & os.O_TRUNC:
+            # O_RDONLY|O_TRUNC truncates on Linux, and the kernel leaves it to us (it sends
+            # O_TRUNC with the open): without this a read-only store "allowed" it.
+            if self._read_only(store):
+                raise pyfuse3.FUSEError(errno.EROFS)
+            await self._truncate_published(node, store, 0)  # ETXTBSY under readers, as there
         if not writing:
             # Readers see the published version, even while someone writes a new one.
             if node.name is None:
@@ -816,22 +849,27 @@ class ImageFS(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._handle(fh)
-        if h.reader is not None:
-            try:
+        try:
+            if h.reader is not None:
                 return stats.read(h.store.id, await h.reader.read(off, size))
-            except Changed:
-                if h.node.name is not None:  # the next stat or open asks the backend again
-                    self.catalogs[h.store.id].forget(h.node.name)
-                raise
-        assert h.writer is not None
-        return await h.writer.read(off, size)
+            assert h.writer is not None
+            return await h.writer.read(off, size)
+        except (Changed, NotFound) as e:
+            if h.reader is not None and h.node.name is not None:
+                self.catalogs[h.store.id].forget(h.node.name)  # the next stat asks again
+            # The version this descriptor reads was replaced or deleted: EIO. read(2) has no
+            # ENOENT; tools report it as "No such file or directory" for a file they hold.
+            raise Changed(f"{h.store.id}: {e}") from None
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         h = self._handle(fh)
         if h.writer is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        return stats.written(h.store.id, await h.writer.write(off, buf))
+        try:
+            return stats.written(h.store.id, await h.writer.write(off, buf))
+        except NotFound as e:  # the image it started from was deleted: see read
+            raise Changed(f"{h.store.id}: {e}") from None
 
     def _published(self, node: Node, info: ImageInfo) -> None:
         self.catalogs[node.store_id].put(info)
@@ -869,7 +907,7 @@ class ImageFS(pyfuse3.Operations):
             return
         if h.pid and h.node.name is not None and self.settings.mountpoint:
             path = os.path.join(self.settings.mountpoint, h.store.id, h.node.name)
-            if await bridge.local(still_open_by, h.pid, path):
+            if await bridge.local(still_open_by, h.pid, path, h.node.ino):
                 log.debug("%s: flush from another descriptor copy; not publishing yet", path)
                 return
         await self._publish(h)

@@ -91,6 +91,7 @@ import concurrent.futures
 import contextlib
 import errno
 import logging
+import random
 import struct
 import threading
 import time
@@ -884,11 +885,20 @@ class RbdStore(Store):
             self._check_no_clones(dst, image)
             self._foreign_snaps(dst, image)
             mine = str(self.cluster.get_addrs())  # our own read-write opens (this one too)
-            watchers = [w for w in image.watchers_list() if str(w.get("addr")) not in mine]
-            if watchers:
-                log.warning("store %s: %s is in use (watched by %s): not replacing it", self.id,
-                            dst, ", ".join(str(w.get("addr")) for w in watchers[:5]))
-                raise Busy(f"{self.id}/{dst} is in use ({len(watchers)} watchers)")
+            # Another host replacing it at the same moment watches it while it runs this
+            # very check (a read-write open): both refused, and neither image was published.
+            # A VM's watch stays; that one goes within moments. Look again, at random times.
+            patience = time.monotonic() + self.timeout / 4
+            while watchers := [w for w in image.watchers_list()
+                               if str(w.get("addr")) not in mine]:
+                if time.monotonic() > patience:
+                    log.warning("store %s: %s is in use (watched by %s): not replacing it",
+                                self.id, dst,
+                                ", ".join(str(w.get("addr")) for w in watchers[:5]))
+                    raise Busy(f"{self.id}/{dst} is in use ({len(watchers)} watchers)")
+                self._close_image(image)
+                time.sleep(random.uniform(0.05, 0.5))
+                image = self._open_image(dst, read_only=False)
             image.metadata_set(ASIDE_KEY, repr(time.time()))
             image.metadata_set(RESTORE_KEY, dst)
             return str(image.id())

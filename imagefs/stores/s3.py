@@ -306,11 +306,29 @@ class S3Upload(Upload):
                                        publishing=True)
                     store._delete_key_quietly(self.hidden)
             except BaseException:
-                self._abort_locked()
+                self._abort_in_background()
                 raise
             self._close_pool()
             self.finished = True
             return info
+
+    def _abort_in_background(self) -> None:
+        """A failed commit reports at once; the clean-up runs in a thread of its own. Done
+        inline it waited again for the parts that had just timed out, then for the abort and
+        the delete, each with its retries: a stalled backend held the writer's close() in D
+        state for about ten store timeouts. What it cannot remove, the next mount does."""
+        self.dead = self.finished = True
+
+        def clean_up() -> None:
+            with self._mutex:
+                try:
+                    self._abort_locked()
+                except Exception as e:
+                    log.warning("%s: abort after a failed commit: %s (removed at the next "
+                                "mount)", self._what(), e)
+
+        threading.Thread(target=clean_up, name=f"s3-abort-{self.store.id}",
+                         daemon=True).start()
 
     def _close_pool(self) -> None:
         if self._pool is not None:
@@ -318,6 +336,8 @@ class S3Upload(Upload):
             self._pool = None
 
     def abort(self) -> None:
+        if self.finished:  # committed, or a failed commit's clean-up is already under way
+            return
         self.dead = True
         if not self._mutex.acquire(timeout=self.store.part_deadline):
             log.warning("%s: abort gave up waiting for a stuck writer; the upload is left "

@@ -554,12 +554,29 @@ class SwiftUpload(Upload):
                     if self.pool is not None:
                         self.pool.shutdown(wait=False)
                 else:
-                    self._discard()
-                    if replace_uid is not None:  # nothing was replaced after all
-                        st._delete_quietly(st.segment_container, PENDING_PREFIX + replace_uid)
+                    self._discard_in_background(replace_uid)
             raise
         self._after_publish(old_group, replace_uid, old_dlo)
         return info
+
+    def _discard_in_background(self, replace_uid: str | None) -> None:
+        """A failed commit reports at once; deleting what it left runs in a thread of its
+        own. Done inline, a stalled proxy held the writer's close() for the segment PUTs'
+        wait, the segment listing and every DELETE, each with its retries (19 s at
+        timeout = 3); what the thread cannot delete, the next mount does."""
+        st = self.store
+
+        def clean_up() -> None:
+            try:
+                self._discard()
+                if replace_uid is not None:  # nothing was replaced after all
+                    st._delete_quietly(st.segment_container, PENDING_PREFIX + replace_uid)
+            except Exception as e:
+                log.warning("%s: clean-up after a failed commit: %s (the next mount "
+                            "finishes it)", self._what(), e)
+
+        self.dead = True
+        threading.Thread(target=clean_up, name=f"swift-discard-{st.id}", daemon=True).start()
 
     def _after_publish(self, old_group: str | None, replace_uid: str | None,
                        old_dlo: _Dlo | None = None) -> None:

@@ -306,6 +306,49 @@ osd max object size = {GiB}
         finally:
             ioctx.close()
 
+    def kill(self, name: str) -> None:
+        """SIGKILL a daemon; a killed OSD is also marked down, as its peers would report it
+        in a real cluster (with one OSD nobody does, and its restart then never served:
+        measured, RADOS writes still timed out 150 s after it booted)."""
+        super().kill(name)
+        if name.startswith("osd."):
+            cluster = self._connect(self.daemon("mon.a"))
+            try:
+                self._mon_command(cluster, {"prefix": "osd down", "ids": [name[4:]]})
+            finally:
+                cluster.shutdown()
+
+    def ready(self, name: str, timeout: float) -> None:
+        """After a restart: the OSD is up and a RADOS write succeeds again, or radosgw
+        answers HTTP (see Backend.restart)."""
+        import rados
+
+        d = self.daemon(name)
+        if name == "rgw.gw":
+            wait_until(lambda: http_status(f"http://{HOST}:{self.rgw_port}/", timeout=1)
+                       is not None, "radosgw to answer HTTP", [d], timeout=timeout)
+            return
+        if name != "osd.0":
+            super().ready(name, timeout)
+        cluster = self._connect(self.daemon("mon.a"))
+        try:
+            ioctx = cluster.open_ioctx("harness")
+            payload = secrets.token_bytes(64)
+
+            def attempt() -> bool:
+                try:
+                    ioctx.write_full("smoke", payload)
+                    return ioctx.read("smoke") == payload
+                except rados.Error:
+                    return False
+
+            try:
+                wait_until(attempt, "a RADOS write after the OSD restart", [d], timeout=timeout)
+            finally:
+                ioctx.close()
+        finally:
+            cluster.shutdown()
+
     def _rgw_users(self) -> None:
         """An S3 user with fixed keys and a Swift subuser (radosgw-admin talks to RADOS)."""
         admin = ["radosgw-admin", "-c", str(self.conf)]

@@ -25,7 +25,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,8 @@ class Daemon:
     ) -> None:
         self.name = name
         self.logfile = logfile
+        #: How it was started, so a fault test can start it again (Backend.restart).
+        self.argv, self.env, self.cwd = list(argv), env, cwd
         with _registry_lock:
             if _closing:
                 raise BackendError(f"not starting {name}: shutting down")
@@ -542,6 +545,53 @@ class Backend:
             stop_daemons(list(reversed(self.daemons)))
         self.daemons.clear()
         self.unmount_all()
+
+    def daemon(self, name: str) -> Daemon:
+        """The running daemon called *name* (``osd.0``, ``rgw.gw``, ``proxy``, ``nginx``)."""
+        for d in self.daemons:
+            if d.name == name:
+                return d
+        raise KeyError(f"{self.name} has no daemon {name!r}: "
+                       f"{', '.join(d.name for d in self.daemons)}")
+
+    @contextmanager
+    def frozen(self, name: str) -> Iterator[Daemon]:
+        """SIGSTOP daemon *name* (its whole process group) for the block; SIGCONT whatever
+        happens, so a fault test leaves the backend as it found it."""
+        d = self.daemon(name)
+        d.signal(signal.SIGSTOP)
+        try:
+            yield d
+        finally:
+            d.signal(signal.SIGCONT)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL daemon *name* (and its group) and reap it: a crash, for fault tests."""
+        d = self.daemon(name)
+        d.signal(signal.SIGCONT)  # a stopped process dies only once it runs again
+        d.signal(signal.SIGKILL)
+        if not d.wait(30):
+            raise BackendError(f"{self.name}: {d.name} (pid {d.pid}) survived SIGKILL")
+
+    def restart(self, name: str, timeout: float = 60.0) -> Daemon:
+        """Start daemon *name* again as it was started (after :meth:`kill`, or killing it
+        now if it still runs) and wait until the backend serves again (:meth:`ready`)."""
+        old = self.daemon(name)
+        if old.alive():
+            self.kill(name)
+        with _registry_lock:
+            if old in _daemons:
+                _daemons.remove(old)
+        new = Daemon(old.name, old.argv, old.logfile, env=old.env, cwd=old.cwd)
+        self.daemons[self.daemons.index(old)] = new
+        self.ready(name, timeout)
+        log(f"{self.name}: {name} restarted (pid {new.pid})")
+        return new
+
+    def ready(self, name: str, timeout: float) -> None:
+        """Wait until daemon *name*, just restarted, serves again; backends that can be
+        restarted override it."""
+        raise BackendError(f"{self.name}: no readiness check for restarting {name!r}")
 
     def unmount_all(self) -> None:
         for m in reversed(self.mounts):

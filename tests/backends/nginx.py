@@ -90,6 +90,11 @@ http {{
         )
         wait_until(lambda: http_status(self.info.url) == 200, "nginx to answer", [master])
 
+    def ready(self, name: str, timeout: float) -> None:
+        """After a restart: nginx answers again (see Backend.restart)."""
+        wait_until(lambda: http_status(self.info.url) == 200, "nginx to answer",
+                   [self.daemon(name)], timeout=timeout)
+
     @property
     def info(self) -> NginxInfo:
         return NginxInfo(dir=self.dir, url=f"http://{HOST}:{self.port}/", root=self.root)

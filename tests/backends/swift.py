@@ -265,6 +265,13 @@ class SwiftCluster(Backend):
             if status >= 300 or (method == "GET" and body != payload):
                 raise BackendError(f"smoke test {method} {u}: HTTP {status} {body[:200]!r}")
 
+    def ready(self, name: str, timeout: float) -> None:
+        """After a restart: the server answers its healthcheck (see Backend.restart)."""
+        if name not in self.ports or name == "memcached":
+            super().ready(name, timeout)
+        wait_until(healthy(f"http://{HOST}:{self.ports[name]}/healthcheck"), name,
+                   [self.daemon(name)], timeout=timeout)
+
     @property
     def info(self) -> SwiftInfo:
         return SwiftInfo(dir=self.dir, auth_url=self.auth_url)
