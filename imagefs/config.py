@@ -117,7 +117,7 @@ def _convert(kind: Any, value: Any) -> Any:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Bounds for every buffer imagefs keeps; see DESIGN.md 'Memory is bounded'."""
+    """Bounds for every buffer imagefs keeps (doc/SEMANTICS.md, "Memory")."""
 
     dir: Path
     disk_size: int

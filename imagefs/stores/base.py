@@ -91,7 +91,7 @@ _NAME_MAX = 255
 
 
 def check_name(name: str) -> None:
-    """Refuse names no store may hold: the rules of the house in DESIGN.md.
+    """Refuse names no store may hold (doc/SEMANTICS.md, "Names").
 
     Raises ``InvalidName``; the message says why, for the log.
     """
