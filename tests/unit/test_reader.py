@@ -204,7 +204,7 @@ def test_a_cold_read_lands_in_the_disk_cache_and_a_warm_one_rewrites_nothing(tmp
     def read_all() -> None:
         async def main() -> None:
             disk = CountingDisk(tmp_path / "blocks", 1 << 30)
-            cache = BlockCache(MemoryCache(8 * MiB), disk)
+            cache = BlockCache(MemoryCache(64 * MiB), disk)  # no eviction: one fetch each
             async with trio.open_nursery() as n:
                 r = Reader(BlockSource(cache, MiB, 16 * MiB, n), store, info, 8 * MiB)
                 for off in range(0, len(data), 128 << 10):
