@@ -1109,15 +1109,44 @@ class RbdStore(Store):
             return False
         finally:
             self._close_image(image)
-        try:
-            self._rename(aside, target)
-        except self.rbd.ImageExists:
-            return False  # the replacement was published: the old one is garbage
-        except Exception as e:
-            raise self._err(e, f"{self.id}: restoring {target}") from None
+        for attempt in range(2):
+            try:
+                self._rename(aside, target)
+                break
+            except self.rbd.ImageExists:
+                if attempt or not self._drop_stale_id(target):
+                    return False  # the replacement was published: the old one is garbage
+            except Exception as e:
+                raise self._err(e, f"{self.id}: restoring {target}") from None
         self._clear_tags(target, None)
         log.warning("store %s: restored %s, left moved aside by a crash during a replace",
                     self.id, target)
+        return True
+
+    def _drop_stale_id(self, name: str) -> bool:
+        """Remove ``rbd_id.<name>`` if no image of that name is in the pool's directory.
+
+        librbd renames in several RADOS writes (the new id object, the directory, then the old
+        id object removed). A process killed between them leaves an id object that only
+        blocks the name: the directory lists the image under the other name, and a rename
+        back fails with "exists". Seen killing a daemon mid-replace: the old image's restore
+        failed that way and the image was then removed as garbage. A rename in progress in
+        another live client has the same look for a moment, so the directory is read twice,
+        a second apart. Returns True if it removed one."""
+        def listed() -> bool:
+            return any(e["name"] == name for e in self.rbd.RBD().list2(self._conn()))
+
+        try:
+            if listed():
+                return False
+            time.sleep(1.0)
+            if listed():
+                return False
+            self._conn().remove_object("rbd_id." + name)
+        except Exception as e:
+            raise self._err(e, f"{self.id}/{name}: removing a stale id object") from None
+        log.warning("store %s: removed rbd_id.%s, left without its image by a rename that was "
+                    "cut short", self.id, name)
         return True
 
     def usage(self) -> tuple[int, int] | None:

@@ -50,17 +50,7 @@ def _kill_and_remount(m: Mount, pid: int) -> None:
     assert r.returncode == 0, r.stderr
 
 
-#: Found by this test and not fixed yet: librbd's rename is several RADOS writes, and a kill
-#: inside the one that moves the old target aside leaves the aside name in the pool's
-#: directory without its id object, so the next mount cannot open it to put it back and the
-#: target's name is missing (the image itself is still in the pool, under its id). Seen in 1
-#: of about 20 rounds. Not strict: most rounds miss the window.
-_RBD_ASIDE = pytest.mark.xfail(reason="a kill inside librbd's rename of the old target aside "
-                               "leaves it unopenable by name; the target is missing until "
-                               "repaired by hand", strict=False)
-
-
-@pytest.mark.parametrize("kind", ["file", "s3", pytest.param("rbd", marks=_RBD_ASIDE), "swift"])
+@pytest.mark.parametrize("kind", ["file", "s3", "rbd", "swift"])
 def test_killed_mid_rename_leaves_the_rename_done_or_not_done(
         kind: str, request: pytest.FixtureRequest, mount_factory: Any, tmp_path: Path) -> None:
     table = request.getfixturevalue(f"{kind}_store_table")

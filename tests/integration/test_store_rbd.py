@@ -429,6 +429,44 @@ def test_image_moved_aside_by_a_crashed_replace_is_restored(
     assert RESTORE_KEY not in rbd_json(rbd_store_table, "image-meta", "list", "keep.raw")
 
 
+@pytest.mark.parametrize("left", ["same image", "no image"])
+def test_old_image_is_restored_after_a_rename_cut_short_inside_librbd(
+        left: str, mount_factory: Any, rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
+    """librbd renames in several RADOS writes: a kill between them leaves ``rbd_id.<name>``
+    behind while the directory lists the image under the other name (test_crash_rename found
+    it: the old image's restore then failed with "exists", and it was removed as garbage).
+    Both leftovers a crashed replace can make: the id object naming the image moved aside
+    (killed inside step 1), or naming an upload that cleanup removes (killed inside step 2)."""
+    import struct
+
+    import rados
+
+    from imagefs.stores.owners import host
+    from imagefs.stores.rbd import RESTORE_KEY
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    aside = f".imagefs-{host()}_{gone.pid}_0_deadbeef-old"
+    src = tmp_path / "keep.raw"
+    digest = make_file(src, 2 * MiB, "keep")
+    rbd(rbd_store_table, "import", src, "keep.raw")
+    rbd(rbd_store_table, "image-meta", "set", "keep.raw", RESTORE_KEY, "keep.raw")
+    t = rbd_store_table
+    with rados.Rados(conffile=t["conf"], rados_id=t["user"],
+                     conf={"keyring": t["keyring"]}) as cluster, \
+            cluster.open_ioctx(t["pool"]) as io:
+        stale = io.read("rbd_id.keep.raw", 4096, 0)
+        rbd(rbd_store_table, "rename", "keep.raw", aside)
+        if left == "no image":
+            stale = struct.pack("<I", 12) + b"0123456789ab"
+        io.write_full("rbd_id.keep.raw", stale)
+    assert listed(rbd_store_table) == [aside]
+    m = mount_factory({"r": rbd_store_table})
+    assert listed(rbd_store_table) == ["keep.raw"]
+    assert sha256(m.path("r", "keep.raw")) == digest
+    assert "rbd_id.keep.raw, left without its image" in m.log_text()
+
+
 def test_live_uploads_are_not_cleaned(rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
     """cleanup_leftovers of a second store instance spares the uploads of a running process."""
     a = open_store(rbd_store_table, tmp_path, "a")
