@@ -7,7 +7,7 @@ Memory is bounded by ``memory_size`` (cachetools LRU weighted by length). Disk i
 ``disk_size``; each block file carries its key and a CRC32 of its data, so a torn or corrupted
 file is detected, removed and treated as a miss, never served.
 
-Disk reads block; callers run them in worker threads. Disk writes go to one thread of the
+Disk reads block; callers run them in worker threads. Disk writes go to threads of the
 cache's own (``WriteBehind``), fed from the trio thread without a wait. The memory methods are
 cheap and are called from the trio thread only.
 """
@@ -290,10 +290,6 @@ class BlockCache:
 
     def get_disk(self, key: Hashable) -> bytes | None:
         return self.disk.get(key) if self.disk else None
-
-    def put_disk(self, key: Hashable, data: bytes) -> None:
-        if self.disk:
-            self.disk.put(key, data)
 
     def put_disk_later(self, key: Hashable, data: bytes) -> bool:
         """Queue ``data`` for the disk cache without waiting; False if it will not be stored."""
