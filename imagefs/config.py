@@ -16,103 +16,27 @@ from pathlib import Path
 from typing import Any
 
 from imagefs import hashing
+from imagefs.options import (  # noqa: F401  (re-exported: the config's vocabulary)
+    Option,
+    OptionError,
+    StoreConfig,
+    parse_size,
+)
+from imagefs.options import (
+    convert as _convert,
+)
+from imagefs.options import (
+    expect as _expect,
+)
 from imagefs.stores import option_specs, store_class, store_types
-from imagefs.stores.base import OptionError
 
 STORE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RESERVED_ID_PREFIX = "os_glance_"
 #: Names the mount root uses itself, so no store may take them.
 RESERVED_IDS = frozenset({"default"})
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "kib": 1 << 10,
-    "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
-    "g": 1000**3, "gb": 1000**3, "gib": 1 << 30,
-    "t": 1000**4, "tb": 1000**4, "tib": 1 << 40,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
-
-
 class ConfigError(Exception):
     """A configuration problem, phrased for the person who wrote the file."""
-
-
-def parse_size(text: str | int) -> int:
-    """'4MiB' → 4194304. Integers are bytes. Raises ValueError with the accepted forms."""
-    if isinstance(text, bool):
-        raise ValueError("expected a size like \"4MiB\", \"20GiB\" or a number of bytes")
-    if isinstance(text, int):
-        if text < 0:
-            raise ValueError("a size cannot be negative")
-        return text
-    m = _SIZE.match(str(text))
-    unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS:
-        raise ValueError("expected a size like \"4MiB\", \"20GiB\" or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[unit])
-
-
-@dataclass(frozen=True)
-class Option:
-    """One type-specific store key: its kind, whether required, and its default.
-
-    kinds: str, path, secret_file (a path to a file holding a credential, see
-    ``_check_secret_file``), bool, int, float, size, list (of str), or a tuple of allowed
-    strings.
-    """
-
-    kind: Any = "str"
-    required: bool = False
-    default: Any = None
-    help: str = ""
-
-
-def _expect(kind: Any) -> str:
-    if isinstance(kind, tuple):
-        return "one of " + ", ".join(f'"{k}"' for k in kind)
-    return {
-        "str": "a string", "path": "a path string", "bool": "true or false",
-        "int": "an integer", "float": "a number", "size": 'a size like "4MiB"',
-        "list": "a list of strings", "secret_file": "a path string",
-    }[kind]
-
-
-def _convert(kind: Any, value: Any) -> Any:
-    """Check ``value`` against ``kind``; raise ValueError with what was expected."""
-    if isinstance(kind, tuple):
-        if value not in kind:
-            raise ValueError(_expect(kind))
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise ValueError(_expect(kind))
-        return value
-    if kind in ("path", "secret_file"):
-        if not isinstance(value, str) or not value:
-            raise ValueError(_expect(kind))
-        return os.path.expanduser(value)
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ValueError(_expect(kind))
-        return value
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(_expect(kind))
-        return value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(_expect(kind))
-        return float(value)
-    if kind == "size":
-        if not isinstance(value, str | int):
-            raise ValueError(_expect(kind))
-        return parse_size(value)
-    if kind == "list":
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(_expect(kind))
-        return tuple(value)
-    raise AssertionError(f"unknown option kind {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -142,23 +66,6 @@ class HashConfig:
     inline_max: int = 64 << 20
     #: Largest image hashed in the background after a close that left it unhashed.
     background_max: int = 64 << 30
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    id: str
-    type: str
-    description: str
-    default: bool
-    read_only: bool
-    weight: int
-    timeout: float
-    concurrency: int
-    options: Mapping[str, Any]
-    source: Path
-    #: What chown/chgrp to another owner does: EPERM, accepted and dropped, or kept as
-    #: image metadata (``rsync -a`` of images owned by glance or libvirt-qemu needs one).
-    chown: str = "refuse"
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from imagefs.stores.base import (
     META_MTIME,
     META_UID,
     BackendError,
+    Capability,
     ImageInfo,
     Store,
     Upload,
@@ -137,7 +138,7 @@ class Writer:
         #: meanwhile waits for ``closed`` and starts from what the release published.
         self.closing = False
         self.closed = trio.Event()
-        self.direct = "random_write" in store.capabilities
+        self.direct = Capability.RANDOM_WRITE in store.capabilities
         self._seeded = base is None
         self._lock = trio.Lock()
         self._hasher = ImageHasher(settings.hash_algo)

@@ -21,6 +21,7 @@ from imagefs.fs import FsSettings, ImageFS
 from imagefs.reader import BlockSource
 from imagefs.stores.base import (
     BackendError,
+    Capability,
     Changed,
     ImageInfo,
     NotFound,
@@ -99,7 +100,7 @@ class MemStore(Store):
                               chown="refuse")
         super().__init__(cfg)
         self.random_write = random_write
-        self.capabilities = frozenset({"random_write"} if random_write else ())
+        self.capabilities = Capability.RANDOM_WRITE if random_write else Capability(0)
         self.objects: dict[str, _Object] = {}
         self.gates: dict[str, Gate] = {}
         self._n = 0

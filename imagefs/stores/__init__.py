@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from imagefs.config import StoreConfig
+    from imagefs.options import Option, StoreConfig
     from imagefs.stores.base import Store
 
 _TYPES: dict[str, str] = {
@@ -34,8 +34,8 @@ def store_class(type_name: str) -> type[Store]:
     return getattr(importlib.import_module(module), cls)
 
 
-def option_specs(type_name: str) -> Mapping[str, Any]:
-    """The type-specific config keys (``imagefs.config.Option`` values)."""
+def option_specs(type_name: str) -> Mapping[str, Option]:
+    """The type-specific config keys (``imagefs.options.Option`` values)."""
     return store_class(type_name).OPTIONS
 
 

@@ -9,6 +9,7 @@ Only ``imagefs.fs`` maps these exceptions to errno values; stores never know abo
 
 from __future__ import annotations
 
+import enum
 import re
 import stat as stat_mod
 import threading
@@ -16,6 +17,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from imagefs.options import Option, OptionError, StoreConfig, spec_of
+
+__all__ = ["OptionError"]  # stores raise it from check_options
 
 #: Prefix of backend-side names used for uploads in progress; no listing ever shows them and
 #: users cannot create names with it.
@@ -29,6 +34,14 @@ META_UID = "uid"
 META_GID = "gid"
 
 DEFAULT_MODE = stat_mod.S_IFREG | 0o644
+
+
+class Capability(enum.Flag):
+    """What a store can do beyond the interface every store has; the writer and fs consult it."""
+
+    #: Uploads take writes at any offset and can be read back and truncated (rbd, file,
+    #: cinder); others get strictly sequential offsets (the writer spools otherwise).
+    RANDOM_WRITE = enum.auto()
 
 
 class StoreError(Exception):
@@ -159,15 +172,6 @@ def user_meta(meta: Mapping[str, str]) -> dict[str, str]:
     return {k: str(v) for k, v in meta.items() if _SAFE_META_KEY.match(k)}
 
 
-class OptionError(ValueError):
-    """A store-specific config problem: ``key`` (within the store table) and what was expected."""
-
-    def __init__(self, key: str, expected: str) -> None:
-        super().__init__(expected)
-        self.key = key
-        self.expected = expected
-
-
 class Upload(ABC):
     """An image being written; invisible under its name until ``commit``.
 
@@ -198,23 +202,30 @@ class Upload(ABC):
 
 
 class Store(ABC):
-    """One configured store. Subclasses declare ``type_name`` and ``OPTIONS``.
+    """One configured store. Subclasses declare ``type_name`` and ``Options`` (or ``OPTIONS``).
 
-    ``OPTIONS`` maps each type-specific config key to an ``imagefs.config.Option``; the config
+    ``OPTIONS`` maps each type-specific config key to an ``imagefs.options.Option``; the config
     loader validates against it without importing backend libraries, so store modules import
     boto3/rados/swiftclient lazily.
     """
 
     type_name: ClassVar[str] = ""
-    OPTIONS: ClassVar[Mapping[str, Any]] = {}
-    #: e.g. {"random_write", "server_side_copy", "rename"}
-    capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: The store's own keys: a frozen dataclass of ``imagefs.options.option()`` fields.
+    #: ``OPTIONS`` (the spec the loader checks) is derived from it.
+    Options: ClassVar[type | None] = None
+    OPTIONS: ClassVar[Mapping[str, Option]] = {}
+    capabilities: ClassVar[Capability] = Capability(0)
     #: Local stores are served without the block cache (it would only copy local bytes).
     local: ClassVar[bool] = False
     #: Backend calls allowed at once from this store (worker threads).
     default_concurrency: ClassVar[int] = 8
 
-    def __init__(self, cfg: Any) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("Options") is not None:
+            cls.OPTIONS = spec_of(cls.Options)
+
+    def __init__(self, cfg: StoreConfig) -> None:
         self.cfg = cfg
         self.id: str = cfg.id
         self.description: str = cfg.description
@@ -224,6 +235,8 @@ class Store(ABC):
         self.timeout: float = cfg.timeout
         self.chown: str = getattr(cfg, "chown", "refuse")
         self.options: Mapping[str, Any] = cfg.options
+        #: The typed form of ``options`` for stores that declare ``Options``.
+        self.opts: Any = self.Options(**cfg.options) if self.Options is not None else None
         self._lock = threading.Lock()
 
     @classmethod

@@ -16,14 +16,14 @@ import secrets
 import stat
 import struct
 from collections.abc import Iterator, Mapping
-from typing import Any
 
-from imagefs.config import Option
+from imagefs.options import Option, StoreConfig
 from imagefs.stores.base import (
     HIDDEN_PREFIX,
     META_MODE,
     META_MTIME,
     BackendError,
+    Capability,
     Changed,
     ImageInfo,
     InvalidName,
@@ -150,10 +150,10 @@ class FileUpload(Upload):
 class FileStore(Store):
     type_name = "file"
     OPTIONS = {"path": Option("path", required=True, help="directory holding the images")}
-    capabilities = frozenset({"random_write", "rename"})
+    capabilities = Capability.RANDOM_WRITE
     local = True
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: StoreConfig) -> None:
         super().__init__(cfg)
         self.path = os.path.abspath(self.options["path"])
         self.dirfd = -1

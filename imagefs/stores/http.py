@@ -15,7 +15,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from imagefs.config import Option
+from imagefs.options import Option, StoreConfig
 from imagefs.stores.base import (
     DEFAULT_MODE,
     BackendError,
@@ -49,10 +49,9 @@ class HttpStore(Store):
         "images": Option("list", default=None, help="image names; default: the JSON index"),
         "retries": Option("int", default=3),
     }
-    capabilities = frozenset()
     default_concurrency = 8
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: StoreConfig) -> None:
         super().__init__(cfg)
         url = self.options["url"]
         self.url = url if url.endswith("/") else url + "/"

@@ -100,11 +100,12 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from imagefs.config import Option
+from imagefs.options import Option, StoreConfig
 from imagefs.stores.base import (
     HIDDEN_PREFIX,
     BackendError,
     Busy,
+    Capability,
     Changed,
     ImageInfo,
     NoSpace,
@@ -434,9 +435,9 @@ class RbdStore(Store):
         "leftover_age": Option("float", default=86400.0,
                                help="seconds after which uploads of other hosts count as dead"),
     }
-    capabilities = frozenset({"random_write", "rename"})
+    capabilities = Capability.RANDOM_WRITE
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: StoreConfig) -> None:
         super().__init__(cfg)
         o = self.options
         self.conf: str = o["conf"]

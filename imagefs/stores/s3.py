@@ -56,7 +56,7 @@ from collections.abc import Iterator, Mapping
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from imagefs.config import Option
+from imagefs.options import Option, StoreConfig
 from imagefs.stores.base import (
     HIDDEN_PREFIX,
     META_MODE,
@@ -387,10 +387,9 @@ class S3Store(Store):
         "max_attempts": Option("int", default=4),
         "leftover_age": Option("float", default=86400.0),
     }
-    capabilities = frozenset({"rename", "server_side_copy"})
     default_concurrency = 16
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: StoreConfig) -> None:
         super().__init__(cfg)
         o = self.options
         self.bucket: str = o["bucket"]

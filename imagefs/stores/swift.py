@@ -117,7 +117,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from imagefs.config import Option
+from imagefs.options import Option, StoreConfig
 from imagefs.stores.base import (
     HIDDEN_PREFIX,
     BackendError,
@@ -787,10 +787,9 @@ class SwiftStore(Store):
                                    help="glance-swift.conf reference: locations become "
                                         "swift+config://REF/container/name"),
     }
-    capabilities = frozenset({"rename"})
     default_concurrency = 8
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: StoreConfig) -> None:
         super().__init__(cfg)
         o = self.options
         self.container: str = o["container"]

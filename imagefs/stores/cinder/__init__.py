@@ -82,11 +82,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from imagefs.config import Option
+from imagefs.options import Option, StoreConfig
 from imagefs.stores.base import (
     HIDDEN_PREFIX,
     BackendError,
     Busy,
+    Capability,
     Changed,
     ImageInfo,
     NotFound,
@@ -236,9 +237,9 @@ class CinderStore(Store):
         "leftover_age": Option("float", default=86400.0,
                                help="seconds after which uploads of other hosts count as dead"),
     }
-    capabilities = frozenset({"random_write", "rename"})
+    capabilities = Capability.RANDOM_WRITE
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: StoreConfig) -> None:
         super().__init__(cfg)
         o = self.options
         self.glance_volumes: bool = o["glance_volumes"]
