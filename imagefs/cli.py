@@ -15,7 +15,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from imagefs import config as config_mod
-from imagefs import hashing
+from imagefs import hashing, procfs
 from imagefs.daemon import MountError, MountOptions, pidfile_for
 
 EXIT_FAIL = 1
@@ -98,7 +98,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             said = True
         time.sleep(0.5)
-    while pid is not None and daemon.process_running(pid) and time.monotonic() < deadline:
+    while pid is not None and procfs.running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)  # the daemon drains and closes its stores before exiting
     return 0
 
@@ -174,7 +174,8 @@ def cmd_location(args: argparse.Namespace) -> int:
     """Print an image's location: by default ``user.imagefs.location`` (no secrets, anyone
     who may read the image); ``--glance`` the form glance_store can use, which for S3 holds
     the access key and secret, from ``trusted.imagefs.glance_location`` (root only)."""
-    from imagefs.fs import GLANCE_XATTR, has_sys_admin
+    from imagefs.fs import GLANCE_XATTR
+    from imagefs.procfs import has_sys_admin
 
     key = GLANCE_XATTR if args.glance else "user.imagefs.location"
     try:

@@ -26,7 +26,7 @@ from typing import Any
 
 import trio
 
-from imagefs import kernel, stats, status
+from imagefs import kernel, procfs, stats, status
 from imagefs import stores as registry
 from imagefs.cache import BlockCache, DiskCache, MemoryCache
 from imagefs.config import Config
@@ -407,17 +407,9 @@ def _daemon_alive(pidfile: Path) -> bool:
         pid = int(pidfile.read_text())
     except (OSError, ValueError):
         return False
-    return process_running(pid)
+    return procfs.running(pid)
 
 
-def process_running(pid: int) -> bool:
-    """Whether ``pid`` exists and has not exited (a zombie its parent has not reaped yet,
-    e.g. a test or a supervisor that waits later, has exited)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie serves nothing
-    except OSError:
-        return False
 
 
 def mount(config: Config, mountpoint: str, opts: MountOptions, foreground: bool) -> int:

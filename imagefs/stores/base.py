@@ -243,6 +243,11 @@ class Store(ABC):
     def check_options(cls, options: Mapping[str, Any]) -> None:
         """Cross-key checks beyond types (raise ``OptionError``); called by the config loader."""
 
+    def _writable(self) -> None:
+        """The guard every changing operation starts with."""
+        if self.read_only:
+            raise ReadOnly(f"store {self.id} is read-only")
+
     def open(self) -> None:
         """Connect to the backend; called once from a worker thread at mount time."""
 

@@ -14,22 +14,14 @@ import re
 import secrets
 import socket
 
+from imagefs.procfs import start_time
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9-]")
 
 
 def host() -> str:
     """This host's name, reduced to characters safe in object names and ids."""
     return _UNSAFE.sub("-", socket.gethostname())[:63].strip("-") or "host"
-
-
-def start_time(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot): with the pid, it identifies a process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return fields[19].decode()
-    except (OSError, IndexError):
-        return None
 
 
 def new_owner_id() -> str:
@@ -47,3 +39,15 @@ def owner_state(owner_id: str) -> str:
     if owner_host != host() or not pid.isdigit():
         return "elsewhere"
     return "alive" if start_time(int(pid)) == start else "dead"
+
+
+def condemned(owner_id: str, age: float, leftover_age: float) -> bool:
+    """Whether a leftover may be removed at mount: its owner ran on this host and is gone, or
+    it comes from elsewhere and is more than ``leftover_age`` seconds old (0: any age).
+
+    ``age`` is the time since the leftover last changed (its newest part or segment); every
+    store applies this one rule, so ``leftover_age`` means the same in each."""
+    state = owner_state(owner_id)
+    if state == "elsewhere":
+        return age > leftover_age
+    return state == "dead"
