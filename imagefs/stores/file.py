@@ -16,8 +16,9 @@ import secrets
 import stat
 import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
-from imagefs.options import Option, StoreConfig
+from imagefs.options import StoreConfig, option
 from imagefs.stores.base import (
     HIDDEN_PREFIX,
     META_MODE,
@@ -147,15 +148,20 @@ class FileUpload(Upload):
                 pass
 
 
+@dataclass(frozen=True)
+class FileOptions:
+    path: str = option("path", required=True, help="directory holding the images")
+
+
 class FileStore(Store):
     type_name = "file"
-    OPTIONS = {"path": Option("path", required=True, help="directory holding the images")}
+    Options = FileOptions
     capabilities = Capability.RANDOM_WRITE
     local = True
 
     def __init__(self, cfg: StoreConfig) -> None:
         super().__init__(cfg)
-        self.path = os.path.abspath(self.options["path"])
+        self.path = os.path.abspath(self.opts.path)
         self.dirfd = -1
 
     def open(self) -> None:
@@ -254,10 +260,6 @@ class FileStore(Store):
             os.close(fd)
 
     # ------------------------------------------------------------------ changes
-    def _writable(self) -> None:
-        if self.read_only:
-            raise ReadOnly(f"store {self.id} is read-only")
-
     def upload(self, name: str, size_hint: int | None = None) -> Upload:
         self._writable()
         check_name(name)

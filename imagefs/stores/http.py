@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import email.utils
 import json
-import re
 import urllib.parse
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from imagefs.options import Option, StoreConfig
+from imagefs.options import StoreConfig, option
 from imagefs.stores.base import (
     DEFAULT_MODE,
     BackendError,
@@ -29,31 +29,25 @@ from imagefs.stores.base import (
     Upload,
     check_name,
 )
+from imagefs.stores.ranges import check_reply, http_date
 
-_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
-
-def _http_date(value: str | None) -> float:
-    if not value:
-        return 0.0
-    try:
-        return email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError):
-        return 0.0
+@dataclass(frozen=True)
+class HttpOptions:
+    url: str = option("str", required=True, help="base URL ending in '/'")
+    images: tuple[str, ...] | None = option("list", default=None,
+                                            help="image names; default: the JSON index")
+    retries: int = option("int", default=3)
 
 
 class HttpStore(Store):
     type_name = "http"
-    OPTIONS = {
-        "url": Option("str", required=True, help="base URL ending in '/'"),
-        "images": Option("list", default=None, help="image names; default: the JSON index"),
-        "retries": Option("int", default=3),
-    }
+    Options = HttpOptions
     default_concurrency = 8
 
     def __init__(self, cfg: StoreConfig) -> None:
         super().__init__(cfg)
-        url = self.options["url"]
+        url = self.opts.url
         self.url = url if url.endswith("/") else url + "/"
         self.read_only = True
         self._pool: Any = None
@@ -73,7 +67,7 @@ class HttpStore(Store):
         self._pool = urllib3.PoolManager(
             maxsize=max(self.cfg.concurrency or self.default_concurrency, 1),
             timeout=urllib3.Timeout(connect=min(10.0, self.timeout), read=self.timeout),
-            retries=urllib3.Retry(total=self.options["retries"], backoff_factor=0.2,
+            retries=urllib3.Retry(total=self.opts.retries, backoff_factor=0.2,
                                   status_forcelist=(500, 502, 503, 504),
                                   allowed_methods=frozenset({"GET", "HEAD"}),
                                   raise_on_status=False, redirect=3),
@@ -101,12 +95,12 @@ class HttpStore(Store):
             size = int(headers["Content-Length"])
         except (KeyError, ValueError):
             raise BackendError(f"store {self.id}: {name}: no usable Content-Length") from None
-        mtime = _http_date(headers.get("Last-Modified"))
+        mtime = http_date(headers.get("Last-Modified"))
         return ImageInfo(name=name, size=size, mtime=mtime, mode=DEFAULT_MODE,
                          version=f"{size}:{int(mtime)}")
 
     def list(self) -> Iterator[ImageInfo]:
-        names = self.options["images"]
+        names = self.opts.images
         if names is not None:
             for name in names:
                 try:
@@ -131,7 +125,7 @@ class HttpStore(Store):
             except InvalidName:
                 continue
             size = int(e.get("size", 0))
-            mtime = _http_date(e.get("mtime"))
+            mtime = http_date(e.get("mtime"))
             yield ImageInfo(name=name, size=size, mtime=mtime, mode=DEFAULT_MODE,
                             version=f"{size}:{int(mtime)}")
 
@@ -169,28 +163,20 @@ class HttpStore(Store):
             raise NotFound(f"{self.id}/{name}")
         if r.status == 412:
             raise Changed(f"{self.id}/{name} changed on the server since it was opened")
-        if r.status == 416:
-            return b""
-        if r.status != 206:
-            raise BackendError(f"store {self.id}: GET {name} range {offset}+{length}: "
-                               f"HTTP {r.status} (expected 206)")
-        m = _RANGE.match(r.headers.get("Content-Range", ""))
-        if not m or int(m.group(1)) != offset:
-            raise BackendError(f"store {self.id}: GET {name}: bad Content-Range "
-                               f"{r.headers.get('Content-Range')!r}")
-        if m.group(3) != "*" and size_s and int(m.group(3)) != int(size_s):
+        what = f"store {self.id}: GET {name}"
+        declared = r.headers.get("Content-Length", "")
+        reply = check_reply(what, r.status, r.headers.get("Content-Range"),
+                            int(declared) if declared.isdigit() else None, offset, length)
+        if reply.total is not None and size_s and reply.total != int(size_s):
             raise Changed(f"{self.id}/{name}: size changed on the server since it was opened")
-        expected = int(m.group(2)) - offset + 1
-        if expected > length:
-            raise BackendError(f"store {self.id}: GET {name}: asked {length} bytes, "
-                               f"Content-Range says {expected}")
+        if not reply.length:
+            return b""
         try:
-            data = r.read(expected + 1)
+            data = r.read(reply.length + 1)
         except self._urllib3.exceptions.HTTPError as e:
-            raise BackendError(f"store {self.id}: GET {name}: {e}", retryable=True) from None
-        if len(data) != expected:
-            raise BackendError(f"store {self.id}: GET {name}: got {len(data)} bytes, "
-                               f"Content-Range says {expected}")
+            raise BackendError(f"{what}: {e}", retryable=True) from None
+        if len(data) != reply.length:
+            raise BackendError(f"{what}: got {len(data)} bytes, the reply says {reply.length}")
         return data
 
     def _refuse(self, *_: Any) -> Any:

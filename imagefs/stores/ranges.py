@@ -6,9 +6,11 @@ reply wherever the range started, one accepted it at offset 0 only, one refused 
 
 * **206**: ``Content-Range`` must start at the offset asked for and end where the range asked
   for ends, or at the object's end if that comes first; the body must be that long.
-* **200**: the server ignored ``Range`` and sends the whole object. At offset 0 its first
-  bytes are the ones asked for; elsewhere using it would mean reading and dropping
-  everything before the offset (gigabytes, for an image), so it is an error.
+* **200**: the whole object. Servers may answer so when the range covers all of it (asked
+  at offset 0 for at least the object's size): then it is exactly the bytes asked for. Any
+  other 200 is a server that ignores ``Range``; reading it would mean fetching (and, past
+  offset 0, dropping) up to the whole image for each block, so it is an error at the first
+  read, not a slow mount or one that fails a block later.
 * **416**: the range starts at or past the end of the object: no bytes.
 * anything else is an error; stores map 404 and 412 themselves before asking.
 """
@@ -42,12 +44,11 @@ def check_reply(what: str, status: int, content_range: str | None,
     if status == 416:
         return Reply(0, None)
     if status == 200:
-        if offset != 0:
-            raise BackendError(f"{what}: HTTP 200 (the whole object) to a ranged GET at "
-                               f"offset {offset}")
-        if content_length is None:
-            raise BackendError(f"{what}: HTTP 200 without Content-Length")
-        return Reply(min(length, content_length), content_length)
+        if offset != 0 or content_length is None or content_length > length:
+            raise BackendError(f"{what}: HTTP 200 (the whole object, {content_length} bytes) "
+                               f"to a ranged GET of {length} bytes at offset {offset}: the "
+                               f"server ignores Range (expected 206)")
+        return Reply(content_length, content_length)
     if status != 206:
         raise BackendError(f"{what}: HTTP {status} to a ranged GET (expected 206)")
     m = _CONTENT_RANGE.match(content_range or "")

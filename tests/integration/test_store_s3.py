@@ -321,6 +321,7 @@ def test_copies_are_pinned_to_the_source_version(ceph: Any, s3_bucket: str, tmp_
     from imagefs import config
     from imagefs.stores import build
     from imagefs.stores.base import Changed
+    from imagefs.stores.s3.copy import copy
     from tests.mounting import write_config
 
     table = s3_table(ceph, s3_bucket, tmp_path, multipart_copy_threshold=threshold)
@@ -333,7 +334,7 @@ def test_copies_are_pinned_to_the_source_version(ceph: Any, s3_bucket: str, tmp_
         time.sleep(1.1)
         s3.put_object(Bucket=s3_bucket, Key="a.raw", Body=b"n" * (12 * MiB))
         with pytest.raises(Changed):
-            store._copy("a.raw", "b.raw", {}, pinned, 12 * MiB)
+            copy(store, "a.raw", "b.raw", {}, pinned, 12 * MiB)
         assert [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]] == ["a.raw"]
         assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
         # an unchanged source copies, and rename removes it

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from imagefs import config
-from imagefs.stores import s3 as s
+from imagefs.stores.s3 import layout as s
 
 S3 = '[stores.a]\ntype="s3"\nbucket="images"\n'
 
@@ -46,7 +46,7 @@ def test_bad_bucket_name(tmp_path: Path) -> None:
 
 def test_part_sizes_fit_any_image_in_10000_parts() -> None:
     base = 8 << 20
-    sizes = [s._part_size_for(base, n) for n in range(1, s.MAX_PARTS + 1)]
+    sizes = [s.part_size_for(base, n) for n in range(1, s.MAX_PARTS + 1)]
     assert sizes[0] == sizes[999] == base and sizes[1000] == 2 * base
     assert all(a <= b for a, b in zip(sizes, sizes[1:], strict=False))
     assert sum(sizes) >= 5 << 40  # S3's largest object
@@ -55,6 +55,6 @@ def test_part_sizes_fit_any_image_in_10000_parts() -> None:
 
 def test_metadata_keys_survive_dash_encoding() -> None:
     meta = {"os_hash_algo": "sha512", "mtime": "1.5", "mode": "644", "Bad-Key": "x"}
-    enc = s._encode_meta(meta)
+    enc = s.encode_meta(meta)
     assert enc == {"os-hash-algo": "sha512", "mtime": "1.5", "mode": "644"}
-    assert s._decode_meta(enc) == {"os_hash_algo": "sha512", "mtime": "1.5", "mode": "644"}
+    assert s.decode_meta(enc) == {"os_hash_algo": "sha512", "mtime": "1.5", "mode": "644"}
