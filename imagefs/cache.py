@@ -1,11 +1,12 @@
-"""Block cache: a memory LRU in front of a size-bounded directory of block files.
+"""Block cache: a memory LRU in front of a size-bounded slab file of block slots.
 
 The cache knows neither stores nor FUSE: keys are tuples that callers make unique (they include
 the image version, so a replaced image is never served from stale blocks) and values are bytes.
 
 Memory is bounded by ``memory_size`` (cachetools LRU weighted by length). Disk is bounded by
-``disk_size``; each block file carries its key and a CRC32 of its data, so a torn or corrupted
-file is detected, removed and treated as a miss, never served.
+``disk_size``; each slot carries its key and a CRC32 of its data, so a torn, stale or corrupted
+slot is detected, freed and treated as a miss, never served. ``DiskCache`` says why slots and
+not one file per block.
 
 Disk reads block; callers run them in worker threads. Disk writes go to threads of the
 cache's own (``WriteBehind``), fed from the trio thread without a wait. The memory methods are
@@ -14,13 +15,14 @@ cheap and are called from the trio thread only.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import errno
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
+import weakref
 import zlib
 from collections import OrderedDict, deque
 from collections.abc import Hashable
@@ -30,8 +32,13 @@ from cachetools import LRUCache
 
 log = logging.getLogger(__name__)
 
-_MAGIC = b"IMGFSBK1"
-_HEADER = struct.Struct("<8sIIQ")  # magic, crc32(data), len(key), len(data)
+_PAGE = 4096
+_SUPER_MAGIC = b"IMGFSSL1"
+_SUPER = struct.Struct("<8sQ16sI")  # magic, data capacity of a slot, slab id, crc32
+_SLOT_MAGIC = b"IMGFSSB1"
+# magic, slab id, put sequence, len(key), len(data), crc32(key + data), crc32(header + key)
+_SLOT = struct.Struct("<8s16sQIIII")
+_KEY_MAX = _PAGE - _SLOT.size  # header and key share a slot's first page; data follows it
 
 
 class MemoryCache:
@@ -53,151 +60,256 @@ class MemoryCache:
 
 
 class DiskCache:
-    """Block files under ``root``, evicted least-recently-used beyond ``max_bytes``.
+    """Blocks in fixed-size slots of one slab file under ``root``, LRU beyond ``max_bytes``.
 
-    Thread-safe: the index is guarded by a lock; file I/O happens outside it.
+    Why a slab: with one file per block (create a .tmp, write, rename; unlink to evict), the two
+    write-behind threads cost about one of this machine's two cores during a cold sequential
+    read (py-spy: os.open alone was 67 of 172 samples in the writers), and cold reads ran at
+    220-273 MB/s with the disk cache on against 360-481 MB/s with it off. A slot costs one
+    ``pwritev`` to store and one ``pread`` to read; evicting is reusing its slot. Measured by
+    tests/bench/bench_disk_cache.py (CPU seconds per GiB, user + sys, median of 6 runs): stored
+    1.41 -> 0.65, stored into a full cache (each put evicts) 1.12 -> 0.41, read back 0.35 both.
+
+    Layout: a superblock page (block capacity, a random slab id), then slots of one page of
+    header and key, then up to the capacity of data. The capacity is ``block_size`` if given,
+    else the first block's size rounded up to a power of two; a larger block starts the slab
+    afresh (blocks are at most ``cache.block_size``, so at most once per mount), unless
+    ``block_size`` was given, then it is not stored. Every get checks the slot's magic, slab
+    id, key, put sequence and a CRC32 of key and data: a torn, stale or corrupt slot, or one
+    reassigned to another key while it was being read, is a miss (and freed), never served.
+    A restart reads the slot headers back (slots are only trusted under the superblock's slab
+    id, so bytes of an older layout never pass for a header). The file never grows beyond
+    ``max_bytes``; block files of the old one-file-per-block layout are removed.
+
+    Thread-safe: the index is guarded by a lock that no I/O happens under.
     """
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, block_size: int | None = None) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self._fixed = block_size
         self._lock = threading.Lock()
-        self._index: OrderedDict[str, int] = OrderedDict()
-        self._used = 0
-        self._dirs: set[str] = set()  # subdirectories known to exist
+        self._grow_lock = threading.Lock()  # serialises slab resets (held across their I/O)
+        self._index: OrderedDict[bytes, tuple[int, int, int]] = OrderedDict()  # slot, len, seq
+        self._free: list[int] = []
+        self._inflight: set[bytes] = set()
+        self._next = self._nslots = self._cap = self._gen = self._seq = 0
+        self._slab_id = b""
+        self._warned: set[str] = set()
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._scan()
+        self._remove_old_layout()
+        self._fd = os.open(root / "slab", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        weakref.finalize(self, os.close, self._fd)
+        try:
+            self._open()
+        except OSError as e:
+            self._warn("read", "disk cache: cannot read %s (%s); starting empty",
+                       root / "slab", e)
+            self._reset(block_size or 0)
 
-    def _scan(self) -> None:
-        """Rebuild the index from what a previous run left (oldest access first)."""
-        entries = []
+    def _remove_old_layout(self) -> None:
+        """Block files of the one-file-per-block layout (``ab/abcd…``) would hold disk beyond
+        ``max_bytes`` that nothing counts: remove them."""
         for sub in self.root.iterdir():
-            if not sub.is_dir():
+            if len(sub.name) == 2 and all(c in "0123456789abcdef" for c in sub.name):
+                if sub.is_dir() and not sub.is_symlink():
+                    shutil.rmtree(sub, ignore_errors=True)
+
+    def _geometry(self, cap: int) -> None:
+        self._cap = cap
+        self._nslots = max(0, (self.max_bytes - _PAGE) // (_PAGE + cap)) if cap else 0
+
+    def _open(self) -> None:
+        """Take over the slab a previous run left, if it is intact and of the right capacity."""
+        raw = os.pread(self._fd, _PAGE, 0)
+        cap = 0
+        if len(raw) >= _SUPER.size:
+            magic, cap, slab_id, crc = _SUPER.unpack_from(raw)
+            if magic != _SUPER_MAGIC or crc != zlib.crc32(raw[:_SUPER.size - 4]) or not cap:
+                cap = 0
+        if not cap or (self._fixed and cap != self._fixed) or self.max_bytes <= 0:
+            self._reset(self._fixed or 0)
+            return
+        self._slab_id = slab_id
+        self._geometry(cap)
+        slot = _PAGE + cap
+        end = _PAGE + self._nslots * slot
+        size = os.fstat(self._fd).st_size
+        if size > end:  # max_bytes was lowered
+            os.ftruncate(self._fd, end)
+        found: dict[bytes, tuple[int, int, int]] = {}
+        covered = max(0, min(self._nslots, -(-(size - _PAGE) // slot)))
+        for i in range(covered):
+            head = os.pread(self._fd, _PAGE, _PAGE + i * slot)
+            parsed = self._header(head, cap)
+            if parsed is None:
+                self._free.append(i)
                 continue
-            for f in sub.iterdir():
-                if f.name.endswith(".tmp"):
-                    f.unlink(missing_ok=True)
+            kb, seq, n = parsed
+            old = found.get(kb)
+            if old is not None:  # a stale copy of a block stored again: keep the newer
+                self._free.append(old[0] if old[2] < seq else i)
+                if old[2] > seq:
                     continue
-                try:
-                    st = f.stat()
-                except FileNotFoundError:
-                    continue
-                entries.append((st.st_atime, f.relative_to(self.root).as_posix(), st.st_size))
-        for _, rel, size in sorted(entries):
-            self._index[rel] = size
-            self._used += size
-        self._evict()
+            found[kb] = (i, n, seq)
+        for kb, e in sorted(found.items(), key=lambda kv: kv[1][2]):  # oldest put first
+            self._index[kb] = e
+        self._seq = max((e[2] for e in found.values()), default=0) + 1
+        self._next = covered
+
+    def _reset(self, cap: int) -> None:
+        """Start an empty slab of capacity ``cap`` (0: chosen at the first put)."""
+        with self._lock:
+            self._gen += 1
+            self._index.clear()
+            self._free.clear()
+            self._next = self._nslots = 0  # no slot is handed out until the file is ready
+            self._slab_id = os.urandom(16)
+            slab_id = self._slab_id
+        os.ftruncate(self._fd, 0)
+        if cap:
+            sb = _SUPER.pack(_SUPER_MAGIC, cap, slab_id, 0)[:-4]
+            os.pwrite(self._fd, sb + struct.pack("<I", zlib.crc32(sb)), 0)
+        with self._lock:
+            self._geometry(cap)
+
+    def _header(self, head: bytes, cap: int, slab_id: bytes | None = None
+                ) -> tuple[bytes, int, int] | None:
+        """(key, seq, data length) of a slot header page, or None if it is not a valid one."""
+        if len(head) < _PAGE:
+            return None
+        magic, sid, seq, klen, n, _crc, hcrc = _SLOT.unpack_from(head)
+        if (magic != _SLOT_MAGIC or sid != (slab_id or self._slab_id) or klen > _KEY_MAX
+                or n > cap):
+            return None
+        kb = head[_SLOT.size:_SLOT.size + klen]
+        if zlib.crc32(kb, zlib.crc32(head[:_SLOT.size - 4])) != hcrc:
+            return None
+        return kb, seq, n
 
     @staticmethod
     def _keybytes(key: Hashable) -> bytes:
         return repr(key).encode("utf-8", "surrogateescape")
 
-    def _rel(self, kb: bytes) -> str:
-        h = hashlib.sha256(kb).hexdigest()
-        return f"{h[:2]}/{h}"
-
     @property
     def used(self) -> int:
-        return self._used
+        """Bytes of slots holding blocks (the slab file is never larger than ``max_bytes``)."""
+        return len(self._index) * (_PAGE + self._cap) if self._cap else 0
 
     def contains(self, key: Hashable) -> bool:
         """Whether the index lists ``key`` (no I/O: a miss costs no thread hop)."""
-        return self.max_bytes > 0 and self._rel(self._keybytes(key)) in self._index
+        return self.max_bytes > 0 and self._keybytes(key) in self._index
 
     def get(self, key: Hashable) -> bytes | None:
         if self.max_bytes <= 0:
             return None
         kb = self._keybytes(key)
-        rel = self._rel(kb)
         with self._lock:
-            if rel not in self._index:
+            e = self._index.get(kb)
+            if e is None:
                 return None
-            self._index.move_to_end(rel)
+            self._index.move_to_end(kb)
+            gen, cap, slab_id = self._gen, self._cap, self._slab_id
+        slot, n, seq = e
         try:
-            with open(self.root / rel, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            self._forget(rel)
+            raw = os.pread(self._fd, _PAGE + n, _PAGE + slot * (_PAGE + cap))
+        except OSError as err:  # a cache that cannot be read is a miss, never a failed read
+            self._drop(kb, e, gen)
+            self._warn("read", "disk cache: cannot read %s (%s); fetching from the store",
+                       self.root / "slab", err)
             return None
-        except OSError as e:  # a cache that cannot be read is a miss, never a failed read
-            log.warning("disk cache: cannot read %s (%s); fetching from the store",
-                        self.root / rel, e)
-            self._forget(rel)
+        data = memoryview(raw)[_PAGE:]  # a view: no copy of the block
+        if (self._header(raw[:_PAGE], cap, slab_id) != (kb, seq, n) or len(data) != n
+                or zlib.crc32(data, zlib.crc32(kb)) != _SLOT.unpack_from(raw)[5]):
+            # Still listed under the same put: really corrupt. Otherwise the slot was reused
+            # for another block while it was read, and this one is simply gone.
+            if self._drop(kb, e, gen):
+                log.warning("disk cache: corrupt block in slot %d of %s dropped",
+                            slot, self.root / "slab")
             return None
-        data = self._decode(raw, kb)
-        if data is None:
-            log.warning("disk cache: corrupt block file %s removed", self.root / rel)
-            self._remove(rel)
-        return data
-
-    @staticmethod
-    def _decode(raw: bytes, kb: bytes) -> bytes | None:
-        if len(raw) < _HEADER.size:
-            return None
-        magic, crc, klen, dlen = _HEADER.unpack_from(raw)
-        body = memoryview(raw)[_HEADER.size:]
-        if magic != _MAGIC or len(body) != klen + dlen or bytes(body[:klen]) != kb:
-            return None
-        data = body[klen:]  # a view: no copy of the block
-        if zlib.crc32(data) != crc:
-            return None
+        self._warned.discard("read")
         return data  # type: ignore[return-value]
 
+    def _drop(self, kb: bytes, e: tuple[int, int, int], gen: int) -> bool:
+        with self._lock:
+            if gen != self._gen or self._index.get(kb) != e:
+                return False
+            del self._index[kb]
+            self._free.append(e[0])
+            return True
+
     def put(self, key: Hashable, data: bytes) -> None:
-        if self.max_bytes <= 0 or len(data) > self.max_bytes:
-            return
+        n = len(data)
         kb = self._keybytes(key)
-        rel = self._rel(kb)
-        path = self.root / rel
-        tmp = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
-        header = _HEADER.pack(_MAGIC, zlib.crc32(data), len(kb), len(data))
-        try:
-            if rel[:2] not in self._dirs:
-                path.parent.mkdir(exist_ok=True)
-                self._dirs.add(rel[:2])
-            # Few system calls: each one gives up the GIL and may wait to get it back.
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                parts = [header, kb, data]
-                while parts:
-                    n = os.writev(fd, parts)
-                    while parts and n >= len(parts[0]):
-                        n -= len(parts[0])
-                        parts.pop(0)
-                    if parts and n:
-                        parts[0] = memoryview(parts[0])[n:]
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            log.warning("disk cache: cannot store block (%s); continuing without it", e)
+        if self.max_bytes <= 0 or n > self.max_bytes or len(kb) > _KEY_MAX:
             return
-        size = len(header) + len(kb) + len(data)
+        if n > self._cap and not self._grow(n):
+            return
         with self._lock:
-            self._used += size - self._index.pop(rel, 0)
-            self._index[rel] = size
-        self._evict()
-
-    def _forget(self, rel: str) -> None:
+            if kb in self._index or kb in self._inflight:
+                return
+            if self._free:
+                slot = self._free.pop()
+            elif self._next < self._nslots:
+                slot, self._next = self._next, self._next + 1
+            elif self._index:
+                slot = self._index.popitem(last=False)[1][0]  # evict: reuse its slot
+            else:
+                return
+            self._inflight.add(kb)
+            gen, cap, slab_id, seq = self._gen, self._cap, self._slab_id, self._seq
+            self._seq += 1
+        stored = False
+        if n <= cap:  # (always, unless the slab was started afresh meanwhile)
+            head = bytearray(_PAGE)
+            _SLOT.pack_into(head, 0, _SLOT_MAGIC, slab_id, seq, len(kb), n,
+                            zlib.crc32(data, zlib.crc32(kb)), 0)
+            head[_SLOT.size:_SLOT.size + len(kb)] = kb
+            struct.pack_into("<I", head, _SLOT.size - 4,
+                             zlib.crc32(kb, zlib.crc32(head[:_SLOT.size - 4])))
+            try:
+                if os.pwritev(self._fd, [head, data], _PAGE + slot * (_PAGE + cap)) != _PAGE + n:
+                    raise OSError(errno.ENOSPC, "short write")
+                stored = True
+            except OSError as err:
+                self._warn("write", "disk cache: cannot store block (%s); continuing "
+                           "without it", err)
         with self._lock:
-            self._used -= self._index.pop(rel, 0)
+            self._inflight.discard(kb)
+            if gen != self._gen:
+                return
+            if stored:
+                self._index[kb] = (slot, n, seq)
+            else:
+                self._free.append(slot)
+        if stored:
+            self._warned.discard("write")
 
-    def _remove(self, rel: str) -> None:
-        self._forget(rel)
-        with contextlib.suppress(OSError):
-            (self.root / rel).unlink(missing_ok=True)
+    def _grow(self, n: int) -> bool:
+        """Make room for blocks of ``n`` bytes: a new, empty slab of larger slots."""
+        cap = 1 << (n - 1).bit_length()
+        if self._fixed or 2 * _PAGE + cap > self.max_bytes:
+            return False
+        with self._grow_lock:
+            if n <= self._cap:
+                return True
+            if self._cap:
+                log.info("disk cache: a %d-byte block: slots grow from %d to %d bytes, "
+                         "cached blocks dropped", n, self._cap, cap)
+            try:
+                self._reset(cap)
+            except OSError as e:
+                self._warn("write", "disk cache: cannot reset %s (%s)", self.root / "slab", e)
+                return False
+        return True
 
-    def _evict(self) -> None:
-        while True:
-            with self._lock:
-                if self._used <= self.max_bytes or not self._index:
-                    return
-                rel, size = self._index.popitem(last=False)
-                self._used -= size
-            with contextlib.suppress(OSError):
-                (self.root / rel).unlink(missing_ok=True)
+    def _warn(self, kind: str, msg: str, *args: object) -> None:
+        """One warning until the next success of this kind: a full disk does not flood."""
+        if kind in self._warned:
+            log.debug(msg, *args)
+        else:
+            self._warned.add(kind)
+            log.warning(msg, *args)
 
 
 class WriteBehind:
