@@ -184,7 +184,8 @@ def build_fs(config: Config, stores: list[Store], mountpoint: str, opts: MountOp
     cc = config.cache
     mount_dir = _mount_dir(config, mountpoint)
     try:
-        disk = DiskCache(mount_dir / "blocks", cc.disk_size) if cc.disk_size > 0 else None
+        disk = (DiskCache(mount_dir / "blocks", cc.disk_size, block_size=cc.block_size)
+                if cc.disk_size > 0 else None)
         spool = mount_dir / "spool"
         spool.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
