@@ -33,7 +33,7 @@ from imagefs.stores.base import (
 )
 from imagefs.stores.cinder.api import MV_EXTEND_ATTACHED
 from imagefs.stores.cinder.volumes import hidden_name
-from imagefs.stores.rbd.cluster import close_image, rbd_error
+from imagefs.stores.rbd.cluster import rbd_error
 from imagefs.stores.rbd.upload import ImageUpload
 
 if TYPE_CHECKING:
@@ -160,11 +160,7 @@ class CinderUpload(ImageUpload):
 
     def _discard(self) -> None:
         """Close, detach and delete the hidden volume (best effort: cleanup at next mount)."""
-        self.dead = True
-        self.aborting = False
-        img, self.image = self.image, None
-        if img is not None:
-            close_image(img)
+        self._close()
         aid, self.attachment = self.attachment, None
         if aid is not None:
             self.store.volumes.detach(aid)

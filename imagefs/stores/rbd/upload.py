@@ -109,6 +109,14 @@ class ImageUpload(Upload):
     def _discard(self) -> None:
         """Mark dead, close the Image and remove what was written (under the mutex)."""
 
+    def _close(self) -> None:
+        """The first part of every ``_discard``: dead for good, and the Image closed."""
+        self.dead = True
+        self.aborting = False
+        img, self.image = self.image, None
+        if img is not None:
+            close_image(img)
+
     @contextlib.contextmanager
     def _locked(self, what: str, deadline: float | None) -> Iterator[Any]:
         """The Image, under the mutex, for one call; any failure kills the upload.
@@ -299,9 +307,5 @@ class RbdUpload(ImageUpload):
                         store.id, tmp, e)
 
     def _discard(self) -> None:
-        self.dead = True
-        self.aborting = False
-        img, self.image = self.image, None
-        if img is not None:
-            close_image(img)
+        self._close()
         self._remove_tmp()
