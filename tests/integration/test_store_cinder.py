@@ -337,7 +337,7 @@ def test_crashed_replace_is_finished_or_undone_at_mount(cinder_project: CinderPr
                                                         tmp_path: Path) -> None:
     """A replace tags the old volume before renaming the new one in: a crash after the
     rename leaves the old one hidden (cleanup deletes it), before it only the tag (removed)."""
-    from imagefs.stores.cinder import REPLACED_KEY
+    from imagefs.stores.cinder.layout import REPLACED_KEY
 
     table = cinder_table(cinder_project)
     store = open_store(table, tmp_path)
@@ -428,7 +428,7 @@ def test_read_of_a_volume_deleted_elsewhere_is_changed(cinder_project: CinderPro
         up = store.upload("p.raw", None)
         up.write(0, b"1" * MiB)
         v1 = up.commit({})
-        store._drop(v1.version)  # no handle left: the next read attaches again
+        store.readers.drop(v1.version)  # no handle left: the next read attaches again
         call(cinder_project, "DELETE", f"/volumes/{v1.version}")
         wait_gone(cinder_project, v1.version)
         with pytest.raises(Changed):
@@ -446,7 +446,7 @@ def test_read_without_attachment_stops_when_the_volume_goes(cinder_project: Cind
         up = store.upload("e.raw", None)
         up.write(0, b"e" * MiB)
         v = up.commit({})
-        store._drop(v.version)
+        store.readers.drop(v.version)
         with attached(cinder_project, v.version) as att:  # someone else's
             assert store.read_range("e.raw", v.version, 0, 10) == b"e" * 10
             aid = att["id"]

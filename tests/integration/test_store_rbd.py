@@ -414,7 +414,7 @@ def test_image_moved_aside_by_a_crashed_replace_is_restored(
         mount_factory: Any, rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
     """A crash between "rename old aside" and "rename new in" must not lose the old image."""
     from imagefs.stores.owners import host
-    from imagefs.stores.rbd import RESTORE_KEY
+    from imagefs.stores.rbd.layout import RESTORE_KEY
 
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -442,7 +442,7 @@ def test_old_image_is_restored_after_a_rename_cut_short_inside_librbd(
     import rados
 
     from imagefs.stores.owners import host
-    from imagefs.stores.rbd import RESTORE_KEY
+    from imagefs.stores.rbd.layout import RESTORE_KEY
 
     gone = subprocess.Popen(["true"])
     gone.wait()
@@ -700,13 +700,13 @@ def test_abort_during_commit_after_the_check_leaves_the_published_image_intact(
     try:
         up = store.upload("b.raw", None)
         up.write(0, b"y" * 8192)
-        rename = store._rename  # type: ignore[attr-defined]
+        rename = store.client.rename  # type: ignore[attr-defined]
 
         def slow_rename(old: str, new: str) -> None:
             time.sleep(1.0)
             rename(old, new)
 
-        store._rename = slow_rename  # type: ignore[attr-defined]
+        store.client.rename = slow_rename  # type: ignore[attr-defined]
         result: list[Any] = []
         t = threading.Thread(target=lambda: result.append(up.commit({})))
         t.start()
@@ -804,7 +804,7 @@ def test_blocklisted_client_reconnects(ceph: Any, rbd_store_table: dict[str, Any
     import re
 
     store = open_store({**rbd_store_table, "timeout": 5.0}, tmp_path)
-    addr = re.search(r"([0-9.]+:\d+/\d+)", store.cluster.get_addrs()).group(1)  # type: ignore
+    addr = re.search(r"([0-9.]+:\d+/\d+)", store.client.cluster.get_addrs()).group(1)  # type: ignore
     blocklist = ["ceph", "-c", str(ceph.conf), "--keyring", str(ceph.keyring), "--id",
                  str(ceph.user), "osd", "blocklist"]
     try:
@@ -825,7 +825,7 @@ def test_blocklisted_client_reconnects(ceph: Any, rbd_store_table: dict[str, Any
                 assert time.monotonic() < deadline, "never reconnected"
                 time.sleep(0.2)
         assert failures <= 2
-        assert addr not in store.cluster.get_addrs()  # type: ignore[attr-defined]
+        assert addr not in store.client.cluster.get_addrs()  # type: ignore[attr-defined]
         assert store.stat("bl.raw").version == v.version
         up = store.upload("bl2.raw", None)
         up.write(0, b"c" * 4096)
@@ -844,14 +844,14 @@ def test_rename_that_failed_after_happening_is_not_rolled_back(
         up = store.upload("r.raw", None)
         up.write(0, b"old" * 1000)
         up.commit({})
-        rename = store._rename  # type: ignore[attr-defined]
+        rename = store.client.rename  # type: ignore[attr-defined]
 
         def lying_rename(old: str, new: str) -> None:
             rename(old, new)
             if new == "r.raw" and old.startswith(".imagefs-") and not old.endswith("-old"):
                 raise OSError(errno.ETIMEDOUT, "timed out (but done)")
 
-        store._rename = lying_rename  # type: ignore[attr-defined]
+        store.client.rename = lying_rename  # type: ignore[attr-defined]
         up = store.upload("r.raw", None)
         up.write(0, b"new" * 1000)
         info = up.commit({})
@@ -864,21 +864,21 @@ def test_rename_that_failed_after_happening_is_not_rolled_back(
 def test_aside_image_is_untagged_once_replaced(rbd_store_table: dict[str, Any],
                                               tmp_path: Path) -> None:
     """After step 2, a crash (here: a failed removal) must never bring the old image back."""
-    from imagefs.stores.rbd import ASIDE_KEY, RESTORE_KEY
+    from imagefs.stores.rbd.layout import ASIDE_KEY, RESTORE_KEY
 
     store = open_store(rbd_store_table, tmp_path)
     try:
         up = store.upload("u.raw", None)
         up.write(0, b"1" * 4096)
         up.commit({})
-        remove = store._remove_image  # type: ignore[attr-defined]
+        remove = store.replacer.remove  # type: ignore[attr-defined]
 
         def no_remove(name: str) -> None:
             if name.endswith("-old"):
                 raise BackendError("injected")
             remove(name)
 
-        store._remove_image = no_remove  # type: ignore[attr-defined]
+        store.replacer.remove = no_remove  # type: ignore[attr-defined]
         up = store.upload("u.raw", None)
         up.write(0, b"2" * 4096)
         up.commit({})
@@ -892,7 +892,7 @@ def test_aside_image_is_untagged_once_replaced(rbd_store_table: dict[str, Any],
 
 def test_other_hosts_aside_images_are_judged_by_when_moved_aside(
         rbd_store_table: dict[str, Any], tmp_path: Path) -> None:
-    from imagefs.stores.rbd import ASIDE_KEY, RESTORE_KEY
+    from imagefs.stores.rbd.layout import ASIDE_KEY, RESTORE_KEY
 
     fresh, stale = ".imagefs-elsewhere_1_1_aaaa-old", ".imagefs-elsewhere_1_1_bbbb-old"
     for name, target in ((fresh, "fresh.raw"), (stale, "stale.raw")):
@@ -917,13 +917,13 @@ def test_close_waits_for_reads_in_flight(rbd_store_table: dict[str, Any],
     up = store.upload("c.raw", None)
     up.write(0, b"c" * 4096)
     v = up.commit({})
-    image_id = store._image_id  # type: ignore[attr-defined]
+    image_id = store.client.image_id  # type: ignore[attr-defined]
 
     def slow_id(name: str) -> str:
         time.sleep(1.0)  # the check after the read: the handle is in use meanwhile
         return image_id(name)
 
-    store._image_id = slow_id  # type: ignore[attr-defined]
+    store.client.image_id = slow_id  # type: ignore[attr-defined]
     got: list[Any] = []
 
     def read() -> None:

@@ -11,7 +11,8 @@ import pytest
 from imagefs import config as config_mod
 from imagefs.stores import build
 from imagefs.stores.base import Unsupported
-from imagefs.stores.cinder import NAME_KEY, REPLACED_KEY, CinderStore, cinder_name
+from imagefs.stores.cinder import CinderStore
+from imagefs.stores.cinder.layout import NAME_KEY, REPLACED_KEY, cinder_name
 from imagefs.stores.cinder.rbdio import rbd_spec
 
 GID = "0b0c3a5e-6d0e-4d3f-9a57-2f3c8a1f00aa"
@@ -48,27 +49,27 @@ def test_which_volumes_are_images(tmp_path: Path) -> None:
             vol("5", f"image-{GID}", glance_image_id=GID),
             vol("6", "creating.raw", status="creating"),
             vol("7", "stripped", **{NAME_KEY: " stripped "})]
-    assert {n: v["id"] for n, (v, _) in s._pick(vols).items()} == {
+    assert {n: v["id"] for n, (v, _) in s.layout.pick(vols).items()} == {
         "plain.raw": "1", GID: "5", " stripped ": "7"}
-    assert store(tmp_path, glance_volumes=False)._pick(vols).keys() == {"plain.raw",
+    assert store(tmp_path, glance_volumes=False).layout.pick(vols).keys() == {"plain.raw",
                                                                         " stripped "}
     # Glance still writing: attached, not yet read-only
     writing = vol("8", f"image-{GID}", glance_image_id=GID)
     writing["attachments"] = [{"host_name": "glance-host", "attachment_id": "a"}]
-    assert s._pick([writing]) == {}
+    assert s.layout.pick([writing]) == {}
     writing["metadata"]["readonly"] = "True"
-    assert list(s._pick([writing])) == [GID]
+    assert list(s.layout.pick([writing])) == [GID]
     only = store(tmp_path, match_metadata=["tier=fast"])
-    assert list(only._pick([vol("1", "a"), vol("2", "b", tier="fast")])) == ["b"]
+    assert list(only.layout.pick([vol("1", "a"), vol("2", "b", tier="fast")])) == ["b"]
 
 
 def test_one_name_one_volume(tmp_path: Path) -> None:
     s = store(tmp_path)
     old = vol("old", "a.raw", created="2026-01-02T00:00:00", **{REPLACED_KEY: "new"})
     new = vol("new", "a.raw", created="2026-01-01T00:00:00")
-    assert s._pick([old, new])["a.raw"][0]["id"] == "new"  # tagged: being replaced
+    assert s.layout.pick([old, new])["a.raw"][0]["id"] == "new"  # tagged: being replaced
     other = vol("x", "a.raw", created="2026-01-03T00:00:00")
-    assert s._pick([new, other])["a.raw"][0]["id"] == "x"  # otherwise the newest
+    assert s.layout.pick([new, other])["a.raw"][0]["id"] == "x"  # otherwise the newest
     assert cinder_name(" a ") == "a" and cinder_name("\t") == "-"
 
 

@@ -4,7 +4,8 @@ Cinder's attachment hands out a flat ``connection_info`` for RBD volumes
 (``driver_volume_type: rbd``, ``name: pool/volume-<id>``, ``hosts``, ``ports``,
 ``auth_username``); os-brick would go through a kernel mapping or look for keyrings under
 /etc/ceph only. imagefs opens the image with librbd, as the rbd store does: no kernel module,
-no root helper, and the cluster named by the store's ``ceph_conf`` with its own keyring.
+no root helper, and the cluster named by the store's ``ceph_conf`` with its own keyring. Error
+mapping, timeouts and the ``rbd_id`` object are the rbd store's (``imagefs.stores.rbd.cluster``).
 
 One ``rados.Rados`` per store, connected at the first attachment (its cephx user is
 ``ceph_user``, else the ``auth_username`` Cinder reports) and kept until ``close``. The
@@ -13,21 +14,12 @@ librados timeouts are the store's ``timeout``, so a dead cluster is an error, ne
 
 from __future__ import annotations
 
-import errno
 import logging
-import struct
 import threading
 from typing import Any
 
-from imagefs.stores.base import (
-    BackendError,
-    Busy,
-    NoSpace,
-    NotFound,
-    ReadOnly,
-    StoreError,
-    Unsupported,
-)
+from imagefs.stores.base import BackendError, NotFound, Unsupported
+from imagefs.stores.rbd.cluster import client_conf, close_image, rbd_error, unpack_id
 
 log = logging.getLogger(__name__)
 
@@ -47,25 +39,6 @@ def rbd_spec(store_id: str, vid: str, ci: Any) -> tuple[str, str, str]:
     if len(parts) == 3 and all(parts):
         return parts[0], parts[1], parts[2]
     raise BackendError(f"store {store_id}: volume {vid}: unexpected RBD name {ci.get('name')!r}")
-
-
-def rbd_error(e: BaseException, what: str) -> StoreError:
-    """librados/librbd exception → store error."""
-    if isinstance(e, StoreError):
-        return e
-    code = getattr(e, "errno", None)
-    code = abs(code) if isinstance(code, int) else None
-    text = f"{what}: {e}"
-    if code == errno.ENOENT:
-        return NotFound(text)
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        return NoSpace(text)
-    if code == errno.EBUSY:
-        return Busy(text)
-    if code in (errno.EROFS, errno.EPERM, errno.EACCES):
-        return ReadOnly(text)
-    return BackendError(text, retryable=code in (errno.ETIMEDOUT, errno.EAGAIN, errno.EIO,
-                                                  errno.ESHUTDOWN, errno.ENOTCONN))
 
 
 class RbdAccess:
@@ -94,18 +67,14 @@ class RbdAccess:
             self.rbd = rbd
             user = self.user or cinder_user or "admin"
             user = user[len("client."):] if user.startswith("client.") else user
-            t = str(max(1, int(self.timeout)))
-            conf = {"client_mount_timeout": t, "rados_mon_op_timeout": t,
-                    "rados_osd_op_timeout": t}
-            if self.keyring:
-                conf["keyring"] = self.keyring
+            conf = client_conf(self.timeout, self.keyring)
             where = f"store {self.store_id}: Ceph cluster {self.conf} as client.{user}"
             try:
                 cluster = rados.Rados(conffile=self.conf, rados_id=user, conf=conf)
             except Exception as e:
                 raise BackendError(f"{where}: {e}") from None
             try:
-                cluster.connect(timeout=int(t))
+                cluster.connect(timeout=int(conf["client_mount_timeout"]))
             except Exception as e:
                 cluster.shutdown()
                 raise BackendError(f"{where}: {e}", retryable=True) from None
@@ -152,10 +121,7 @@ class RbdAccess:
             if isinstance(err, NotFound):
                 return ""
             raise err from None
-        if len(raw) < 4:
-            return ""
-        (n,) = struct.unpack_from("<I", raw)
-        return raw[4:4 + n].decode(errors="replace")
+        return unpack_id(raw) or ""
 
     def watchers(self, spec: tuple[str, str, str]) -> list[str]:
         """Addresses of clients watching the image (read-write opens: VMs, rbd map)."""
@@ -178,10 +144,3 @@ class RbdAccess:
                 log.debug("closing an ioctx: %s", e)
         if cluster is not None:
             cluster.shutdown()
-
-
-def close_image(image: Any) -> None:
-    try:
-        image.close()
-    except Exception as e:
-        log.debug("closing an rbd image: %s", e)
