@@ -33,6 +33,23 @@ def _slab(d: DiskCache) -> Path:
     return d.root / "slab"
 
 
+def test_a_demoted_block_is_evicted_first_and_a_read_keeps_it() -> None:
+    m = MemoryCache(3 * 10)
+    for k in "abc":
+        m.put(k, bytes(10))
+    m.get("a")  # order, least recent first: b c a
+    m.demote("c")  # c b a
+    m.put("d", bytes(10))
+    assert m.get("c") is None and m.get("b") is not None and m.used == 30
+    m.demote("a")
+    m.get("a")  # read again: most recent once more
+    m.put("e", bytes(10))
+    assert m.get("a") is not None and m.get("d") is None
+    m.demote("gone")  # not there: nothing happens
+    m.put("big", bytes(31))  # larger than the whole cache: not kept, nothing evicted
+    assert m.get("big") is None and m.used == 30
+
+
 def test_disk_cache_round_trip(tmp_path: Path) -> None:
     d = DiskCache(tmp_path, 1 << 20, block_size=16 * KiB)
     blocks = {("img", "v1", i): os.urandom(16 * KiB - i) for i in range(8)}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -246,3 +248,53 @@ def test_write_behind_drops_instead_of_waiting_when_its_queue_is_full(tmp_path: 
     release.set()
     assert wb.close(10)
     assert [disk.get(("k", i)) is not None for i in range(10)] == [True] * 4 + [False] * 6
+
+
+class _Streaming(Recorder):
+    """A backend whose replies take time to arrive (a few ms, then 1 MiB per ms): what
+    makes prefetched blocks wait in memory while the reader catches up."""
+
+    def read_chunks(self, name: str, version: str, offset: int, length: int, chunk: int
+                    ) -> Any:
+        self.requests.append((offset, length))
+        time.sleep(0.003)
+        data = self.objects[name].data
+        for off in range(offset, offset + length, chunk):
+            time.sleep(0.001)
+            yield bytes(data[off:off + min(chunk, offset + length - off)])
+
+
+def test_at_the_shipped_defaults_the_kernels_read_ahead_fetches_each_block_once() -> None:
+    """The kernel keeps up to 32 1 MiB reads in flight ahead of the reading program. With
+    the shipped cache settings each block is still fetched once, in runs: prefetched blocks
+    are not evicted before their reader gets to them (``reader.WINDOW_SHARE``,
+    ``MemoryCache.demote``)."""
+    from imagefs import config
+
+    cc = config.parse({"stores": {"a": {"type": "file", "path": "/"}}}, Path("t.toml")).cache
+    store = _Streaming()
+    data = os.urandom(128 * MiB)
+    info = store.put("img", data, {})
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            src = BlockSource(BlockCache(MemoryCache(cc.memory_size), None), cc.block_size,
+                              cc.max_prefetch_memory, n, fetch_size=cc.fetch_size)
+            r = Reader(src, store, info, cc.readahead)
+            in_flight = trio.Semaphore(32)
+
+            async def one(off: int) -> None:
+                try:
+                    assert bytes(await r.read(off, MiB)) == data[off:off + MiB]
+                finally:
+                    in_flight.release()
+
+            async with trio.open_nursery() as kernel:
+                for off in range(0, len(data), MiB):
+                    await in_flight.acquire()
+                    kernel.start_soon(one, off)
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    assert _fetched(store) == [1] * 128
+    assert len(store.requests) <= 16, " ".join(str(n // MiB) for _, n in store.requests)
