@@ -13,7 +13,9 @@ import os
 import re
 import secrets
 import socket
+from typing import Any
 
+from imagefs.options import option
 from imagefs.procfs import start_time
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9-]")
@@ -51,3 +53,10 @@ def condemned(owner_id: str, age: float, leftover_age: float) -> bool:
     if state == "elsewhere":
         return age > leftover_age
     return state == "dead"
+
+
+def leftover_age_option() -> Any:
+    """The ``leftover_age`` key of every store that leaves uploads behind a crash: one
+    default and one meaning (``condemned``) for all of them."""
+    return option("float", default=86400.0,
+                  help="seconds after which uploads of other hosts count as dead")

@@ -40,7 +40,7 @@ from imagefs.stores.cinder.reading import Readers
 from imagefs.stores.cinder.replace import Replacer
 from imagefs.stores.cinder.spare import SPARE_IDLE, Spare
 from imagefs.stores.cinder.volumes import Volumes
-from imagefs.stores.owners import new_owner_id
+from imagefs.stores.owners import leftover_age_option, new_owner_id
 from imagefs.stores.rbd.cluster import LOCK_WAIT_FRACTION
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,7 @@ class CinderOptions:
     prepare_volumes: bool = option("bool", default=True,
                                    help="keep the next upload's volume created and attached "
                                         "ahead (after a first upload; removed when idle)")
-    leftover_age: float = option("float", default=86400.0,
-                                 help="seconds after which uploads of other hosts count as dead")
+    leftover_age: float = leftover_age_option()
 
 
 class CinderStore(Store):

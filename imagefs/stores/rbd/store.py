@@ -23,6 +23,7 @@ from imagefs.stores.base import (
     is_hidden,
     user_meta,
 )
+from imagefs.stores.owners import leftover_age_option
 from imagefs.stores.rbd.cluster import Client, close_image
 from imagefs.stores.rbd.facts import Facts
 from imagefs.stores.rbd.layout import META_PREFIX, SNAP, glance_location
@@ -49,8 +50,7 @@ class RbdOptions:
                                  help="after publish, create and protect snapshot 'snap'")
     stat_ttl: float = option("float", default=10.0,
                              help="seconds image facts (size, metadata) are reused per image id")
-    leftover_age: float = option("float", default=86400.0,
-                                 help="seconds after which uploads of other hosts count as dead")
+    leftover_age: float = leftover_age_option()
 
 
 class RbdStore(Store):

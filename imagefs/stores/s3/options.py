@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from imagefs.options import OptionError, option
+from imagefs.stores.owners import leftover_age_option
 from imagefs.stores.s3.layout import BUCKET, MAX_PART, MIN_PART, MiB
 
 
@@ -29,7 +30,7 @@ class S3Options:
     upload_memory: int = option("size", default=64 * MiB)
     multipart_copy_threshold: int = option("size", default=MAX_PART)
     max_attempts: int = option("int", default=4)
-    leftover_age: float = option("float", default=86400.0)
+    leftover_age: float = leftover_age_option()
 
 
 def check(options: Mapping[str, Any]) -> None:
