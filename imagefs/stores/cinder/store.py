@@ -42,6 +42,7 @@ from imagefs.stores.cinder.spare import SPARE_IDLE, Spare
 from imagefs.stores.cinder.volumes import Volumes
 from imagefs.stores.owners import leftover_age_option, new_owner_id
 from imagefs.stores.rbd.cluster import LOCK_WAIT_FRACTION
+from imagefs.stores.secrets import read_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +143,7 @@ class CinderStore(Store):
                 raise OptionError(key, "a number of seconds, 0 or more")
 
     def _password(self) -> str:
-        path = self.opts.password_file
-        try:
-            with open(path or "", encoding="utf-8") as f:
-                secret = f.read().strip()
-        except OSError as e:
-            raise BackendError(f"store {self.id}: cannot read password_file {path}: "
-                               f"{e.strerror}") from None
-        if not secret:
-            raise BackendError(f"store {self.id}: password_file {path} is empty")
-        return secret
+        return read_secret_file(self.id, "password_file", self.opts.password_file or "")
 
     # ------------------------------------------------------------------ connection
     def open(self) -> None:

@@ -13,18 +13,14 @@ from typing import Any
 from imagefs.stores.base import BackendError, Changed, InvalidName, NoSpace, NotFound, ReadOnly
 from imagefs.stores.s3.layout import error_code
 from imagefs.stores.s3.options import S3Options
+from imagefs.stores.secrets import read_secret_file
 
 
 def read_secret(store_id: str, opts: S3Options) -> str | None:
     """The secret access key from its file (None: boto3 resolves credentials itself)."""
     if not opts.secret_access_key_file:
         return None
-    try:
-        with open(opts.secret_access_key_file) as f:
-            return f.read().strip()
-    except OSError as e:
-        raise BackendError(f"store {store_id}: cannot read secret_access_key_file "
-                           f"{opts.secret_access_key_file}: {e.strerror}") from None
+    return read_secret_file(store_id, "secret_access_key_file", opts.secret_access_key_file)
 
 
 def _rgw_copy_if_match(request: Any, **_: Any) -> None:
