@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import trio
 
 from imagefs import stats
+from imagefs.errors import errno_of
 from imagefs.stores.base import BackendError, Store
 
 T = TypeVar("T")
@@ -43,7 +44,7 @@ async def call(store: Store, fn: Callable[..., T], *args: Any, timeout: float | 
             return await trio.to_thread.run_sync(bound, limiter=limiter_for(store),
                                                  abandon_on_cancel=True)
         except Exception as e:
-            stats.error(store.id, _errno_of(e))
+            stats.error(store.id, errno_of(e))
             raise
     if scope.cancelled_caught:
         stats.error(store.id, errno.EIO)
@@ -52,14 +53,6 @@ async def call(store: Store, fn: Callable[..., T], *args: Any, timeout: float | 
         raise BackendError(f"store {store.id}: {getattr(fn, '__name__', 'call')}{image} took "
                            f"longer than {deadline:g}s", retryable=True)
     raise AssertionError("unreachable")
-
-
-def _errno_of(e: BaseException) -> int:
-    """The errno the FUSE layer turns ``e`` into (fs.py owns the mapping; imported here
-    late because fs imports this module)."""
-    from imagefs.fs import errno_of
-
-    return errno_of(e)
 
 
 async def local(fn: Callable[..., T], *args: Any,

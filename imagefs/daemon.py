@@ -30,7 +30,8 @@ from imagefs import kernel, procfs, stats, status
 from imagefs import stores as registry
 from imagefs.cache import BlockCache, DiskCache, MemoryCache
 from imagefs.config import Config
-from imagefs.fs import FsSettings, ImageFS
+from imagefs.filesystem import FsSettings
+from imagefs.fs import ImageFS
 from imagefs.reader import BlockSource
 from imagefs.stores.base import Store
 from imagefs.writer import WriterSettings

@@ -9,13 +9,18 @@ kernel holds, not to every image ever listed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import pyfuse3
+if TYPE_CHECKING:
+    from imagefs.handles import Handle
+    from imagefs.stores.base import ImageInfo
+    from imagefs.writer import Writer
 
-ROOT = pyfuse3.ROOT_INODE
+#: The root directory's inode (FUSE_ROOT_ID).
+ROOT = 1
 
 
-@dataclass
+@dataclass(eq=False)
 class Node:
     ino: int
     store_id: str
@@ -26,10 +31,13 @@ class Node:
     cached_version: str | None = None
     #: Version whose attributes (size) the kernel was last given.
     reported_version: str | None = None
-    #: Open read handles (fs.Handle), so attribute replies need not scan every handle.
-    readers: list = field(default_factory=list)
-    writer: object | None = None
-    extra: dict = field(default_factory=dict)
+    #: Open read handles, so attribute replies need not scan every handle.
+    readers: list[Handle] = field(default_factory=list)
+    #: The pending new version the write handles on this node share.
+    writer: Writer | None = None
+    #: The published image as last seen (listing, lookup, stat, publish, rename); what an
+    #: unlinked node still shows to the handles that hold it.
+    info: ImageInfo | None = None
 
 
 class InodeTable:

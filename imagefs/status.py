@@ -27,9 +27,12 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagefs import stats
+
+if TYPE_CHECKING:
+    from imagefs.fs import ImageFS
 
 log = logging.getLogger(__name__)
 
@@ -41,33 +44,26 @@ def socket_for(pidfile: Path) -> Path:
     return pidfile.with_suffix(".sock")
 
 
-def report(fs: Any, mountpoint: str, config_path: str) -> Report:
-    """Counters plus what ``fs`` (an ImageFS) holds open right now; safe from any thread
-    (``list()`` copies the handle table in one step under the GIL)."""
+def report(fs: ImageFS, mountpoint: str, config_path: str) -> Report:
+    """Counters plus what ``fs`` holds open right now; safe from any thread."""
     out = stats.snapshot()
     out["mountpoint"] = mountpoint
     out["config"] = config_path
-    handles = list(fs._handles.values())
+    now = fs.activity()
     for sid, store in fs.stores.items():
         row = out["stores"].setdefault(sid, stats.snapshot_empty())
         row["type"] = store.type_name
-        row["open_handles"] = sum(1 for h in handles if h.store.id == sid)
+        row["open_handles"] = now.open_handles.get(sid, 0)
         row["uploads"] = []
-    seen: set[int] = set()
-    for h in handles:
-        w = h.writer
-        if w is None or id(w) in seen or not w.dirty:
-            continue
-        seen.add(id(w))
-        out["stores"][h.store.id]["uploads"].append(
-            {"image": w.name, "bytes": w.size, "publishing": bool(w.closing)})
+    for p in now.pending:
+        out["stores"][p.store_id]["uploads"].append(
+            {"image": p.name, "bytes": p.size, "publishing": p.publishing})
     return out
 
 
-def uploads_in_flight(fs: Any) -> int:
+def uploads_in_flight(fs: ImageFS) -> int:
     """Images being written and not yet published (for systemd's STATUS line)."""
-    return len({id(h.writer) for h in list(fs._handles.values())
-                if h.writer is not None and h.writer.dirty})
+    return len(fs.activity().pending)
 
 
 class StatusServer:

@@ -1,0 +1,133 @@
+"""``DirectWriter``: written bytes go straight into the store's hidden upload, at any offset.
+
+For stores with ``Capability.RANDOM_WRITE`` (file, rbd, cinder). All-zero writes past
+everything written become a size change, so sparse images stay sparse. Hashes are computed as
+bytes arrive in order; a close hashes at most ``hash_inline_max`` bytes that did not (holes,
+writes out of order), past it the image is published without hashes (hashed later).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from imagefs import bridge
+from imagefs.hashing import ImageHasher
+from imagefs.stores.base import ImageInfo, Store, Upload
+from imagefs.writer import CHUNK, Writer, WriterSettings
+
+log = logging.getLogger(__name__)
+
+
+def _all_zero(data: bytes) -> bool:
+    return not data or (data[0] == 0 and data[-1] == 0 and data.count(0) == len(data))
+
+
+class DirectWriter(Writer):
+    PUBLISH_FAILURE_LOSES_BYTES = True
+
+    def __init__(self, store: Store, name: str, base: ImageInfo | None, mode: int,
+                 settings: WriterSettings, nursery: trio.Nursery, existed: bool = False) -> None:
+        super().__init__(store, name, base, mode, settings, nursery, existed)
+        self._upload: Upload | None = None
+        self._extent = 0  # end of the furthest byte actually written to the upload
+        #: Every byte below ``_hasher.offset`` went through the hasher in order.
+        self._hash_ok = True
+
+    async def _upload_now(self) -> Upload:
+        if self._upload is None:
+            self._upload = await self._new_upload()
+        return self._upload
+
+    async def _seed(self, end: int) -> None:
+        up = await self._upload_now()
+        self._hasher = ImageHasher(self.settings.hash_algo)
+        self._hash_ok = True
+
+        def sink(off: int, data: bytes) -> None:
+            up.write(off, data)
+            self._hasher.update(data)
+
+        await self._copy_published(sink, end, sink_is_store=True)
+        self._extent = end
+
+    async def _write(self, offset: int, data: bytes) -> None:
+        up = await self._upload_now()
+        if offset >= self._extent and _all_zero(data):
+            return  # a hole: publishing sets the size, nothing is allocated
+        h = self._hasher
+        in_order = self._hash_ok and offset >= h.offset and offset >= self._extent
+        if in_order and offset - h.offset > self.settings.hash_inline_max:
+            in_order = False  # a hole too big to hash here: the image is hashed later
+
+        def put() -> None:
+            up.write(offset, data)
+            if in_order:
+                h.update_zeros(offset - h.offset)
+                h.update(data)
+
+        await bridge.call(self.store, put)
+        if not in_order:
+            self._hash_ok = False
+        self._extent = max(self._extent, offset + len(data))
+
+    async def _read(self, offset: int, size: int) -> bytes:
+        if self._upload is None:
+            return bytes(size)
+        return await bridge.call(self.store, self._upload.read, offset, size)
+
+    async def _truncate(self, size: int) -> None:
+        up = await self._upload_now()
+        await bridge.call(self.store, up.truncate, size)
+        self._extent = min(self._extent, size)
+        if size < self._hasher.offset:
+            self._hash_ok = False
+
+    async def _sync(self) -> None:
+        if self._upload is not None:
+            await bridge.call(self.store, self._upload.flush)
+
+    async def _publish(self, meta: dict[str, str]) -> ImageInfo:
+        up = await self._upload_now()
+        size, h = self.size, self._hasher
+        in_order = self._hash_ok and h.offset <= size
+        unhashed = size - h.offset if in_order else size
+        inline = unhashed <= self.settings.hash_inline_max
+        if not inline:
+            log.info("%s/%s: %d bytes were not hashed as they were written (holes or writes "
+                     "out of order); publishing without hashes, they are computed afterwards",
+                     self.store.id, self.name, unhashed)
+
+        def finish() -> ImageInfo:
+            up.truncate(size)  # the writer's size is the truth, whatever the upload counted
+            if not inline:
+                return up.commit(meta)
+            hasher = h
+            if in_order:
+                h.update_zeros(size - h.offset)
+            else:
+                hasher = ImageHasher(self.settings.hash_algo)
+                for off in range(0, size, CHUNK):
+                    data = up.read(off, min(CHUNK, size - off))
+                    hasher.update(data + bytes(min(CHUNK, size - off) - len(data)))
+            return up.commit({**meta, **hasher.meta()})
+
+        try:
+            info = await bridge.call(self.store, finish, timeout=self._long())
+        except BaseException:
+            self._upload = None
+            await self._abort_quietly(up)
+            raise
+        self._upload = None
+        return info
+
+    def _after_publish(self) -> None:
+        self._hash_ok = True
+        self._seeded = False  # the upload is spent; a later change starts from `base`
+        self._extent = 0
+
+    async def _discard(self) -> None:
+        if self._upload is not None:
+            await self._abort_quietly(self._upload)
+        self._upload = None
