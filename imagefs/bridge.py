@@ -51,7 +51,7 @@ async def call(store: Store, fn: Callable[..., T], *args: Any, timeout: float | 
         # Store methods take the image name first: the log line then names the image too.
         image = f" {args[0]}" if args and isinstance(args[0], str) else ""
         raise BackendError(f"store {store.id}: {getattr(fn, '__name__', 'call')}{image} took "
-                           f"longer than {deadline:g}s", retryable=True)
+                           f"longer than {deadline:g}s")
     raise AssertionError("unreachable")
 
 
