@@ -1,8 +1,9 @@
-"""An in-memory store and a kernel-free ImageFS, for fast tests of the filesystem logic.
+"""An in-memory store and a kernel-free file system, for fast tests of the filesystem logic.
 
 Not a stand-in for any backend (the integration tests use real ones): it exists to drive
-``ImageFS`` operations directly, in the orders the kernel may deliver them, and to hold a
-backend call open (``gates``) so a race window is as wide as a test needs, deterministically.
+``FileSystem`` (or its FUSE glue ``ImageFS``) operations directly, in the orders the kernel
+may deliver them, to hold a backend call open (``gates``) so a race window is as wide as a
+test needs, deterministically, and to make one call fail (``failures``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from imagefs.cache import BlockCache, MemoryCache
-from imagefs.fs import FsSettings, ImageFS
+from imagefs.filesystem import FileSystem, FsSettings
+from imagefs.fs import ImageFS
 from imagefs.reader import BlockSource
 from imagefs.stores.base import (
     BackendError,
@@ -94,8 +96,9 @@ class MemStore(Store):
 
     type_name = "memory"
 
-    def __init__(self, store_id: str = "m", random_write: bool = False) -> None:
-        cfg = SimpleNamespace(id=store_id, description="", read_only=False, default=True,
+    def __init__(self, store_id: str = "m", random_write: bool = False,
+                 read_only: bool = False) -> None:
+        cfg = SimpleNamespace(id=store_id, description="", read_only=read_only, default=True,
                               weight=0, timeout=10.0, options={}, concurrency=4,
                               chown="refuse")
         super().__init__(cfg)
@@ -103,12 +106,17 @@ class MemStore(Store):
         self.capabilities = Capability.RANDOM_WRITE if random_write else Capability(0)
         self.objects: dict[str, _Object] = {}
         self.gates: dict[str, Gate] = {}
+        #: The next call of that kind ("write", "commit", "abort", "read") raises this, once.
+        self.failures: dict[str, BaseException] = {}
         self._n = 0
 
     def hold(self, what: str) -> None:
         gate = self.gates.get(what)
         if gate is not None:
             gate.wait()
+        failure = self.failures.pop(what, None)
+        if failure is not None:
+            raise failure
 
     def put(self, name: str, data: bytes, meta: dict[str, str]) -> ImageInfo:
         with self._lock:
@@ -127,6 +135,7 @@ class MemStore(Store):
                          mode=meta_mode(o.meta), version=o.version, meta=dict(o.meta))
 
     def read_range(self, name: str, version: str, offset: int, length: int) -> bytes:
+        self.hold("read")
         o = self.objects.get(name)
         if o is None or o.version != version:
             raise Changed(name)
@@ -155,13 +164,26 @@ class MemStore(Store):
         return f"memory://{self.id}/{name}"
 
 
+def _settings(spool_dir: Path, **kwargs: Any) -> FsSettings:
+    return FsSettings(ttl=1.0, readahead=4 << 20,
+                      writer=WriterSettings(spool_dir=spool_dir, hash_algo="sha512"),
+                      uid=os.getuid(), gid=os.getgid(), **kwargs)
+
+
+def _source() -> Any:
+    cache = BlockCache(MemoryCache(16 << 20), None)
+    return lambda n: BlockSource(cache, 1 << 20, 16 << 20, n)
+
+
 def make_fs(store: MemStore, spool_dir: Path) -> ImageFS:
     """An ImageFS over ``store`` with small caches; call ``fs.bind(nursery)`` before use."""
-    cache = BlockCache(MemoryCache(16 << 20), None)
-    settings = FsSettings(ttl=1.0, readahead=4 << 20,
-                          writer=WriterSettings(spool_dir=spool_dir, hash_algo="sha512"),
-                          uid=os.getuid(), gid=os.getgid())
-    return ImageFS([store], lambda n: BlockSource(cache, 1 << 20, 16 << 20, n), settings)
+    return ImageFS([store], _source(), _settings(spool_dir))
+
+
+def make_filesystem(stores: list[MemStore], spool_dir: Path, **settings: Any) -> FileSystem:
+    """The semantics layer alone over ``stores`` (``FsSettings`` fields as keywords); call
+    ``bind(nursery)`` before use."""
+    return FileSystem(list(stores), _source(), _settings(spool_dir, **settings))
 
 
 #: What pyfuse3 passes as ``ctx``: the calling process is this one.
