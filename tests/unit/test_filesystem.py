@@ -97,6 +97,41 @@ def test_a_new_image_is_invisible_to_others_until_its_writer_closes(
 
 
 @STRATEGIES
+def test_two_processes_share_one_pending_version_and_each_last_close_publishes_it(
+        tmp_path: Path, random_write: bool, other: int) -> None:
+    store = MemStore(random_write=random_write)
+
+    async def body(fs: FileSystem) -> None:
+        mine, attr = await fs.create(sino(fs), "img", MODE, NEW, ME)
+        await fs.write(mine.fh, 0, b"a")
+        theirs = await fs.open(attr.ino, os.O_WRONLY, other)
+        await fs.write(theirs.fh, 1, b"b")
+        await fs.flush(mine.fh)
+        await fs.release(mine.fh)
+        assert store.objects["img"].data == b"ab"  # the other's writes so far included
+        await fs.write(theirs.fh, 2, b"c")
+        await fs.flush(theirs.fh)
+        await fs.release(theirs.fh)
+
+    run(make_filesystem([store], tmp_path), body)
+    assert store.objects["img"].data == b"abc"
+
+
+def test_read_only_open_with_o_trunc_truncates_where_writes_are_allowed(
+        tmp_path: Path) -> None:
+    store = MemStore()
+
+    async def body(fs: FileSystem) -> None:
+        ino = await new_image(fs, "img", b"x" * 100)
+        reader = await fs.open(ino, os.O_RDONLY | os.O_TRUNC, ME)
+        assert await fs.read(reader.fh, 0, 100) == b""
+        await fs.release(reader.fh)
+
+    run(make_filesystem([store], tmp_path), body)
+    assert store.objects["img"].data == b""
+
+
+@STRATEGIES
 def test_an_image_unlinked_while_open_publishes_nothing(tmp_path: Path,
                                                         random_write: bool) -> None:
     store = MemStore(random_write=random_write)
