@@ -135,6 +135,28 @@ def daemon_pid(m: Mount) -> int:
     return int(out[0])
 
 
+def kill_daemon_mid_write(m: Mount, path: Path, hold: int = 30) -> None:
+    """SIGKILL the daemon of ``m`` while another process has ``path`` open for writing with
+    300,000 bytes written and flushed (an upload in progress), and wait until it is gone:
+    what a crash leaves for the next mount to clean up."""
+    import signal
+
+    pid = daemon_pid(m)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*300000); f.flush();"
+        f"print('ready',flush=True); time.sleep({hold})"), str(path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def tool(*names: str) -> None:
     """Fail clearly (CI) or skip (elsewhere) when a program the test drives is missing."""
     import pytest

@@ -54,7 +54,7 @@ class MemoryBudget:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise BackendError(f"{self.what}: upload memory ({self.limit} bytes) still "
-                                       f"in use after {timeout:g}s", retryable=True)
+                                       f"in use after {timeout:g}s")
                 self._cond.wait(left)
             self._grant(n)
 

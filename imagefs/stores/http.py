@@ -88,7 +88,7 @@ class HttpStore(Store):
             return self._pool.request(method, url, headers=dict(headers or {}),
                                       preload_content=preload)
         except self._urllib3.exceptions.HTTPError as e:
-            raise BackendError(f"store {self.id}: {method} {url}: {e}", retryable=True) from None
+            raise BackendError(f"store {self.id}: {method} {url}: {e}") from None
 
     def _info_from_headers(self, name: str, headers: Mapping[str, str]) -> ImageInfo:
         try:
@@ -174,7 +174,7 @@ class HttpStore(Store):
         try:
             data = r.read(reply.length + 1)
         except self._urllib3.exceptions.HTTPError as e:
-            raise BackendError(f"{what}: {e}", retryable=True) from None
+            raise BackendError(f"{what}: {e}") from None
         if len(data) != reply.length:
             raise BackendError(f"{what}: got {len(data)} bytes, the reply says {reply.length}")
         return data

@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 
 from tests.integration.test_common import MiB, make_file, sh
-from tests.mounting import IMAGEFS, Mount, daemon_pid, mount, tool, unmount, write_config
+from tests.mounting import (
+    IMAGEFS,
+    Mount,
+    daemon_pid,
+    kill_daemon_mid_write,
+    mount,
+    tool,
+    unmount,
+    write_config,
+)
 
 
 def expect_errno(code: int, fn: Any, *args: Any) -> None:
@@ -297,20 +306,7 @@ def test_daemon_crash_keeps_published_image_and_remount_cleans(
     d = Path(file_store_table["path"])
     (d / "img.raw").write_bytes(b"published" * 1000)
     m = mount_factory({"s": file_store_table})
-    pid = daemon_pid(m)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*300000); f.flush();"
-        "print('ready',flush=True); time.sleep(30)"), str(m.path("s", "img.raw"))],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        holder.kill()
-        holder.wait()
+    kill_daemon_mid_write(m, m.path("s", "img.raw"), hold=30)
     assert (d / "img.raw").read_bytes() == b"published" * 1000
     assert any(n.startswith(".imagefs-") for n in os.listdir(d)), "expected the crash leftover"
     # `imagefs umount` clears the dead mount (it answers ENOTCONN, not "not mounted")

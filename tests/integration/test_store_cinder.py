@@ -13,9 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ from imagefs.stores.base import Busy, Changed, Store
 from tests.backends.cinder import CinderProject, api_call, api_get, wait_volume
 from tests.integration.test_common import make_file, sh, sha256
 from tests.kinds.cinder import cinder_table
-from tests.mounting import IMAGEFS, Mount, daemon_pid, unmount
+from tests.mounting import IMAGEFS, Mount, kill_daemon_mid_write, unmount
 
 MiB, GiB = 1 << 20, 1 << 30
 CONNECTOR = {"host": "glance-test", "ip": "127.0.0.1", "platform": "x86_64", "os_type": "linux",
@@ -297,20 +295,7 @@ def test_killed_mid_upload_leaves_nothing_visible_and_next_mount_cleans(
     table = cinder_table(cinder_project)
     m = mount_factory({"c": table})
     m.path("c", "img.raw").write_bytes(b"published" * 1000)
-    pid = daemon_pid(m)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*300000); f.flush();"
-        "print('ready',flush=True); time.sleep(60)"), str(m.path("c", "new.raw"))],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        holder.kill()
-        holder.wait()
+    kill_daemon_mid_write(m, m.path("c", "new.raw"), hold=60)
     left = live(cinder_project)
     hidden = [v for v in left if v["name"].startswith(".imagefs-")]
     # the upload (attached), and maybe the next upload's volume made ahead

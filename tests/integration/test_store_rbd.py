@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from imagefs.stores.base import BackendError, Changed, Store
 from tests.backends.fixtures import rados_connection, unique_name
 from tests.integration.test_common import make_file, sh, sha256
 from tests.kinds.rbd import rbd_table
-from tests.mounting import IMAGEFS, Mount, tool
+from tests.mounting import IMAGEFS, kill_daemon_mid_write, tool
 
 MiB = 1 << 20
 
@@ -56,13 +55,6 @@ def listed(table: dict[str, Any]) -> list[str]:
 def used_bytes(table: dict[str, Any], name: str) -> int:
     (img,) = [i for i in rbd_json(table, "du", name)["images"] if i["name"] == name]
     return int(img["used_size"])
-
-
-def daemon_pid(m: Mount) -> int:
-    out = subprocess.run(["pgrep", "-f", f"imagefs mount {m.config}"], capture_output=True,
-                         text=True).stdout.split()
-    assert out, "daemon not found"
-    return int(out[0])
 
 
 def open_store(table: dict[str, Any], tmp_path: Path, sid: str = "r") -> Store:
@@ -387,20 +379,7 @@ def test_killed_daemon_leftovers_removed_at_next_mount(
         mount_factory: Any, rbd_store_table: dict[str, Any]) -> None:
     m = mount_factory({"r": rbd_store_table})
     m.path("r", "img.raw").write_bytes(b"published" * 1000)
-    pid = daemon_pid(m)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*300000); f.flush();"
-        "print('ready',flush=True); time.sleep(30)"), str(m.path("r", "img.raw"))],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        holder.kill()
-        holder.wait()
+    kill_daemon_mid_write(m, m.path("r", "img.raw"), hold=30)
     names = listed(rbd_store_table)
     assert "img.raw" in names and any(n.startswith(".imagefs-") for n in names), names
     r = subprocess.run([*IMAGEFS, "mount", str(m.config), str(m.root), "-o", f"log={m.log}"],

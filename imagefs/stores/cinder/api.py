@@ -58,7 +58,7 @@ class ApiError(BackendError):
     """A Cinder answer other than success: ``status`` and Cinder's own message."""
 
     def __init__(self, status: int, message: str, text: str) -> None:
-        super().__init__(text, retryable=status >= 500)
+        super().__init__(text)
         self.status = status
         self.message = message
 
@@ -160,7 +160,7 @@ class CinderApi:
         try:
             resp = self.http.post(f"{base}/auth/tokens", json=body, timeout=self.timeout)
         except Exception as e:
-            raise BackendError(f"{what}: {type(e).__name__}: {e}", retryable=True) from None
+            raise BackendError(f"{what}: {type(e).__name__}: {e}") from None
         if resp.status_code != 201:
             raise BackendError(f"{what}: authentication failed: HTTP {resp.status_code} "
                                f"{message(_json(resp))}")
@@ -208,8 +208,8 @@ class CinderApi:
                 resp = self.http.request(method, self.url + path, json=body, headers=headers,
                                          timeout=self.timeout)
             except Exception as e:  # connection refused/reset, timeouts
-                raise BackendError(f"store {self.store_id}: {what}: {type(e).__name__}: {e}",
-                                   retryable=True) from None
+                raise BackendError(
+                    f"store {self.store_id}: {what}: {type(e).__name__}: {e}") from None
             if resp.status_code == 401 and self.o["auth"] == "keystone" and not renewed:
                 renewed = True
                 self._auth_token(renew=True)
@@ -260,7 +260,7 @@ class CinderApi:
                           f"while {what}")
             if time.monotonic() > deadline:
                 raise BackendError(f"store {self.store_id}: volume {vid} still {status} after "
-                                   f"waiting for it to finish {what}", retryable=True)
+                                   f"waiting for it to finish {what}")
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 

@@ -77,7 +77,7 @@ class RbdAccess:
                 cluster.connect(timeout=int(conf["client_mount_timeout"]))
             except Exception as e:
                 cluster.shutdown()
-                raise BackendError(f"{where}: {e}", retryable=True) from None
+                raise BackendError(f"{where}: {e}") from None
             self.cluster = cluster
             log.info("store %s: connected to Ceph cluster %s as client.%s", self.store_id,
                      cluster.get_fsid(), user)

@@ -116,8 +116,7 @@ class Readers:
             lock = self._attach_locks.setdefault(vid, threading.Lock())
         deadline = time.monotonic() + self.volumes.wait_budget()
         if not lock.acquire(timeout=self.lock_wait()):
-            raise BackendError(f"store {self.store_id}: volume {vid}: still being attached",
-                               retryable=True)
+            raise BackendError(f"store {self.store_id}: volume {vid}: still being attached")
         try:
             with self._lock:
                 h = self._handles.get(vid)

@@ -119,7 +119,7 @@ class CinderUpload(ImageUpload):
         while int(img.size()) < gib * GiB:
             if time.monotonic() > deadline:
                 raise BackendError(f"{self._what()}: volume extended to {gib} GiB, but the "
-                                   f"RBD image still has {img.size()} bytes", retryable=True)
+                                   f"RBD image still has {img.size()} bytes")
             time.sleep(0.02)
         self.capacity = gib * GiB
 

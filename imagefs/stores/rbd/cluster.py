@@ -59,9 +59,7 @@ def rbd_error(e: BaseException, what: str) -> StoreError:
         return Busy(text)
     if code in (errno.EROFS, errno.EPERM, errno.EACCES):
         return ReadOnly(text)
-    retry = code in (errno.ETIMEDOUT, errno.EAGAIN, errno.ESHUTDOWN, errno.ECONNREFUSED,
-                     errno.ENOTCONN, errno.EIO)
-    return BackendError(text, retryable=retry)
+    return BackendError(text)
 
 
 def blocklisted(e: BaseException) -> bool:

@@ -202,8 +202,7 @@ class Replacer:
                 log.warning("store %s: replaced %s but could not remove its old image %s: %s",
                             self.store_id, dst, aside, e)
             return
-        raise BackendError(f"{self.store_id}/{dst}: other clients kept replacing it; gave up",
-                           retryable=True)
+        raise BackendError(f"{self.store_id}/{dst}: other clients kept replacing it; gave up")
 
     def _put_back(self, aside: str, dst: str) -> None:
         """Undo step 1 (best effort: cleanup at the next mount restores it otherwise)."""

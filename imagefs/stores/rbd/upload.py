@@ -128,7 +128,7 @@ class ImageUpload(Upload):
         if not self._mutex.acquire(timeout=self._lock_wait()):
             self.dead = True
             raise BackendError(f"{self._what()}: {what}: an earlier call on this upload is "
-                               "still running", retryable=True)
+                               "still running")
         try:
             if self.dead or self.image is None:
                 raise BackendError(f"{self._what()}: {what}: upload already finished or failed")
@@ -139,8 +139,7 @@ class ImageUpload(Upload):
                 raise self._error(e, f"{self._what()}: {what}") from None
             if deadline is not None and time.monotonic() - t0 > deadline * LATE_FRACTION:
                 self.dead = True
-                raise BackendError(f"{self._what()}: {what} outlived its deadline",
-                                   retryable=True)
+                raise BackendError(f"{self._what()}: {what} outlived its deadline")
         finally:
             try:
                 if self.aborting:

@@ -78,4 +78,4 @@ def map_error(e: BaseException, what: str, write: bool = False) -> Exception:
         return InvalidName(f"{what}: {code}")
     if status:
         return BackendError(f"{what}: HTTP {status} {code}")
-    return BackendError(f"{what}: {type(e).__name__}: {e}", retryable=True)
+    return BackendError(f"{what}: {type(e).__name__}: {e}")

@@ -225,8 +225,7 @@ class S3Store(Store):
         except (Changed, BackendError):
             raise
         except Exception as e:
-            raise BackendError(f"{what}: reading body: {type(e).__name__}: {e}",
-                               retryable=True) from None
+            raise BackendError(f"{what}: reading body: {type(e).__name__}: {e}") from None
         finally:
             body.close()
 
