@@ -174,8 +174,8 @@ def cmd_location(args: argparse.Namespace) -> int:
     """Print an image's location: by default ``user.imagefs.location`` (no secrets, anyone
     who may read the image); ``--glance`` the form glance_store can use, which for S3 holds
     the access key and secret, from ``trusted.imagefs.glance_location`` (root only)."""
-    from imagefs.fs import GLANCE_XATTR
     from imagefs.procfs import has_sys_admin
+    from imagefs.xattrs import GLANCE_XATTR
 
     key = GLANCE_XATTR if args.glance else "user.imagefs.location"
     try:

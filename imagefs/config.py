@@ -62,7 +62,7 @@ class CacheConfig:
 @dataclass(frozen=True)
 class HashConfig:
     algo: str = "sha512"
-    #: Hashing a close may do beyond what streamed through in order (see writer.py).
+    #: Hashing a close may do beyond what streamed through in order (see writer_spool.py).
     inline_max: int = 64 << 20
     #: Largest image hashed in the background after a close that left it unhashed.
     background_max: int = 64 << 30

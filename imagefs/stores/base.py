@@ -4,7 +4,7 @@ Stores are synchronous because their client libraries are (boto3, swiftclient, l
 The FUSE layer calls them from worker threads, so every method may block; none may hang forever:
 each store bounds its backend calls with its configured timeout and raises ``BackendError``.
 
-Only ``imagefs.fs`` maps these exceptions to errno values; stores never know about FUSE.
+Only ``imagefs.errors`` maps these exceptions to errno values; stores never know about FUSE.
 """
 
 from __future__ import annotations

@@ -264,7 +264,7 @@ def test_image_with_clones_is_never_deleted_or_replaced(
     out = tmp_path / "base.raw"
     rbd(table, "export", "base.raw", out)
     assert out.read_bytes() == b"base" * 300_000
-    # The kernel sends RELEASE after close() returned, and fs.py tries to publish once more
+    # The kernel sends RELEASE after close() returned, and publish.py tries to publish once more
     # then: until that ends the mount shows the failed writer's size and its upload image
     # exists. Wait for the release (ordering only, no timing claim).
     deadline = time.monotonic() + 30

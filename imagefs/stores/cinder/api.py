@@ -73,7 +73,8 @@ def message(body: Any) -> str:
 
 
 def error_for(status: int, msg: str, what: str) -> StoreError:
-    """HTTP status → the store error ``fs.py`` maps to errno (400s are the caller's to judge)."""
+    """HTTP status → the store error ``imagefs.errors`` maps to errno (400s are the caller's
+    to judge)."""
     text = f"{what}: HTTP {status}: {msg}"
     if status == 404:
         return NotFound(text)

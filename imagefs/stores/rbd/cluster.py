@@ -45,7 +45,7 @@ RECONNECT_MIN, RECONNECT_MAX = 1.0, 60.0
 
 
 def rbd_error(e: BaseException, what: str) -> StoreError:
-    """librados/librbd exception → the store error ``fs.py`` maps to errno."""
+    """librados/librbd exception → the store error ``imagefs.errors`` maps to errno."""
     if isinstance(e, StoreError):
         return e
     code = getattr(e, "errno", None)

@@ -1,15 +1,16 @@
 """An upload: a hidden RBD image written in place, published by a rename.
 
 An upload is a hidden image ``.imagefs-<owner id>`` (see ``layout.py``) created in the pool at
-open and written in place at any offset (capability ``random_write``, so ``writer.py`` never
-spools). The image grows geometrically ahead of the writes (a resize is a header update, not
-free) and is resized to the exact logical size at commit. librbd's cache is switched to
+open and written in place at any offset (``Capability.RANDOM_WRITE``: the writer goes
+direct, ``writer_direct.py``, and never spools). The image grows geometrically ahead of the
+writes (a resize is a header update, not free) and is resized to the exact logical size at
+commit. librbd's cache is switched to
 writeback at once (an empty flush), so FUSE's small writes coalesce. All-zero writes become
 ``write_zeroes``, which allocates nothing on objects that do not exist yet: sparse images stay
 sparse. Commit sets metadata, flushes, (glance_layout) creates and protects snapshot ``snap``,
 then renames the image to its final name (``replace.py``): the name only ever shows a complete
 image, with its snapshot already there. The published size is the last ``truncate``
-(``writer.py`` always sends one before commit) or the end of the furthest write.
+(``writer_direct.py`` always sends one before commit) or the end of the furthest write.
 
 The bridge abandons calls that pass their deadline, so a call on an upload may still run when
 the next arrives. Every librbd call of an upload runs under its mutex (waits bounded below the

@@ -1,6 +1,6 @@
 """Writing one S3 image: parts sent while the writer goes on, published in one step.
 
-Writes arrive in order (no ``Capability.RANDOM_WRITE``: ``writer.py`` spools non-sequential
+Writes arrive in order (no ``Capability.RANDOM_WRITE``: ``writer_spool.py`` spools non-sequential
 writers and uploads the spool at close). An image smaller than one part is a single PUT at
 commit, with its metadata. A larger one becomes a multipart upload to a hidden key
 ``<prefix>.imagefs-up-<owner-id>``; parts go up from a small thread pool while the writer goes
