@@ -4,8 +4,8 @@ An upload is a hidden image ``.imagefs-<owner id>`` (see ``layout.py``) created 
 open and written in place at any offset (``Capability.RANDOM_WRITE``: the writer goes
 direct, ``writer_direct.py``, and never spools). The image grows geometrically ahead of the
 writes (a resize is a header update, not free) and is resized to the exact logical size at
-commit. librbd's cache is switched to
-writeback at once (an empty flush), so FUSE's small writes coalesce. All-zero writes become
+commit. librbd's cache is switched to writeback at once (an empty flush), so FUSE's small
+writes coalesce. All-zero writes become
 ``write_zeroes``, which allocates nothing on objects that do not exist yet: sparse images stay
 sparse. Commit sets metadata, flushes, (glance_layout) creates and protects snapshot ``snap``,
 then renames the image to its final name (``replace.py``): the name only ever shows a complete
