@@ -20,13 +20,9 @@ from imagefs.options import (  # noqa: F401  (re-exported: the config's vocabula
     Option,
     OptionError,
     StoreConfig,
+    convert,
+    expect,
     parse_size,
-)
-from imagefs.options import (
-    convert as _convert,
-)
-from imagefs.options import (
-    expect as _expect,
 )
 from imagefs.stores import option_specs, store_class, store_types
 
@@ -62,7 +58,7 @@ class CacheConfig:
 @dataclass(frozen=True)
 class HashConfig:
     algo: str = "sha512"
-    #: Hashing a close may do beyond what streamed through in order (see writer_spool.py).
+    #: Hashing a close may do beyond what streamed through in order (see writer_direct.py).
     inline_max: int = 64 << 20
     #: Largest image hashed in the background after a close that left it unhashed.
     background_max: int = 64 << 30
@@ -169,11 +165,11 @@ class _Checker:
         for key, opt in spec.items():
             if key not in table:
                 if opt.required:
-                    raise self.fail(f"{prefix}.{key}", f"missing; expected {_expect(opt.kind)}")
+                    raise self.fail(f"{prefix}.{key}", f"missing; expected {expect(opt.kind)}")
                 out[key] = opt.default
                 continue
             try:
-                out[key] = _convert(opt.kind, table[key])
+                out[key] = convert(opt.kind, table[key])
             except ValueError as e:
                 raise self.fail(f"{prefix}.{key}", f"expected {e}, got {table[key]!r}") from None
         return out

@@ -412,8 +412,6 @@ def _daemon_alive(pidfile: Path) -> bool:
     return procfs.running(pid)
 
 
-
-
 def mount(config: Config, mountpoint: str, opts: MountOptions, foreground: bool) -> int:
     """``imagefs mount``: serve in the foreground, or fork and return once the mount is ready."""
     _clear_dead_mount(mountpoint)

@@ -59,9 +59,9 @@ class WriterSettings:
     #: deadline, yet a stalled backend must still end in EIO (each request has its own timeout).
     commit_min_rate: int = 4 << 20
     #: Hashing a close may still do (bytes that did not stream through the hasher in order,
-    #: holes included). Past it the image is published without hashes and ``on_unhashed``
-    #: gets it (the mount hashes it in the background): ``qemu-img create -f raw IMG 1T``
-    #: must not sit in close() hashing a terabyte of zeros.
+    #: holes included). Past it the image is published without hashes and the mount hashes it
+    #: in the background (``Publisher.published``, ``background_hash``): ``qemu-img create
+    #: -f raw IMG 1T`` must not sit in close() hashing a terabyte of zeros.
     hash_inline_max: int = 64 << 20
     #: Images published without hashes up to this size are hashed in the background.
     hash_background_max: int = 64 << 30
@@ -166,7 +166,10 @@ class Writer(ABC):
 
     # ---------------------------------------------------------------- state changes
     def _lose(self, e: BaseException) -> None:
-        if self.state is not WriterState.LOST:
+        """A failed write or truncate: the pending image can no longer be published. A
+        writer cancelled meanwhile (``user.imagefs.discard``) stays cancelled, so later
+        writes are still refused."""
+        if self.state in (WriterState.OPEN, WriterState.PUBLISH_FAILED):
             self.state, self.error = WriterState.LOST, e
 
     def _changed(self, size: int) -> None:
