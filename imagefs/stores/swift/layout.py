@@ -19,7 +19,11 @@ Dynamic Large Objects (Glance's large images): glance_store's Swift driver write
 above ``swift_store_large_object_size`` as a DLO: segments ``<id>-00001``... in the same
 container and a 0-byte manifest whose ``X-Object-Manifest: <container>/<prefix>`` makes the
 image the concatenation, in name order, of the objects under that prefix. Size and version (the
-md5 of the segments' ETags, on Swift and RGW alike) come from a full HEAD.
+md5 of the segments' ETags, on Swift and RGW alike) come from a full HEAD. Deleting a DLO
+deletes its manifest, then its segments; replacing one (upload or rename onto its name)
+deletes them after the publish (``journal.Journal.drop_dlo_segments``); segments another
+manifest covers too are kept, and so are segments in other containers. Metadata POSTs re-send
+the manifest header (Swift drops it otherwise: ``kept_headers``).
 """
 
 from __future__ import annotations

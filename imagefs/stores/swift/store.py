@@ -94,11 +94,12 @@ class SwiftOptions:
 class SwiftStore(Store):
     type_name = "swift"
     Options = SwiftOptions
+    opts: SwiftOptions
     default_concurrency = 8
 
     def __init__(self, cfg: StoreConfig) -> None:
         super().__init__(cfg)
-        o: SwiftOptions = self.opts
+        o = self.opts
         self.container: str = o.container
         self.segment_container: str = o.segment_container or f"{self.container}_segments"
         self.segment_size: int = o.segment_size
