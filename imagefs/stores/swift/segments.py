@@ -17,6 +17,7 @@ import hashlib
 import http.client
 import queue
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -109,6 +110,27 @@ class Segment:
     @property
     def running(self) -> bool:
         return self.future is not None and not self.future.done()
+
+
+def stop_all(segments: list[Segment], pool: concurrent.futures.ThreadPoolExecutor | None,
+             timeout: float) -> None:
+    """Stop every segment PUT of an upload: those not started never start, each running one
+    is told to stop and waited for (``timeout`` for all of them), and the memory of what no
+    PUT will send is given back (a PUT still running drains its own queue when it ends)."""
+    for seg in list(segments):
+        seg.abort()
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + timeout
+    for seg in segments:
+        if seg.future is not None:
+            try:
+                seg.future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except BaseException:
+                pass
+    for seg in segments:
+        if seg.future is None or seg.future.done():
+            seg.drain()
 
 
 def send_segment(client: Connections, container: str, seg: Segment) -> None:

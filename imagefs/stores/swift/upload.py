@@ -47,7 +47,7 @@ from imagefs.stores.swift.layout import (
     meta_headers,
     segment_name,
 )
-from imagefs.stores.swift.segments import END, Segment, send_segment
+from imagefs.stores.swift.segments import END, Segment, send_segment, stop_all
 
 if TYPE_CHECKING:
     from imagefs.stores.swift.store import SwiftStore
@@ -432,20 +432,7 @@ class SwiftUpload(Upload):
         self.small = None
         self._give_small()
         self.dead = True
-        for seg in list(self.segments):
-            seg.abort()
-        if self.pool is not None:  # segments not started yet never start
-            self.pool.shutdown(wait=False, cancel_futures=True)
-        deadline = time.monotonic() + self.store.timeout
-        for seg in self.segments:
-            if seg.future is not None:
-                try:
-                    seg.future.result(timeout=max(0.0, deadline - time.monotonic()))
-                except BaseException:
-                    pass
-        for seg in self.segments:  # a PUT still running drains its own queue when it ends
-            if seg.future is None or seg.future.done():
-                seg.drain()
+        stop_all(self.segments, self.pool, self.store.timeout)
         if not self.marker:
             return
         running = any(s.running for s in self.segments)
