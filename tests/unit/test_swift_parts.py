@@ -71,7 +71,7 @@ def test_segments_grow_every_quarter_of_the_servers_limit() -> None:
 @pytest.mark.parametrize("status,headers,body,offset,want", [
     (206, {"content-range": "bytes 4-7/10"}, b"abcd", 4, b"abcd"),
     (206, {"content-range": "bytes 8-9/10"}, b"ij", 8, b"ij"),  # the end came first
-    (200, {"content-length": "10"}, b"0123456789", 0, b"0123"),
+    (200, {"content-length": "3"}, b"abc", 0, b"abc"),  # the whole object, within the range
 ])
 def test_ranged_replies_follow_the_one_rule(status: int, headers: dict[str, str], body: bytes,
                                             offset: int, want: bytes) -> None:
@@ -81,7 +81,7 @@ def test_ranged_replies_follow_the_one_rule(status: int, headers: dict[str, str]
 
 @pytest.mark.parametrize("status,headers,body,offset", [
     (200, {"content-length": "10"}, b"0123456789", 4),  # the whole object, not at 0
-    (200, {"content-length": "10"}, b"01234", 0),  # short body
+    (200, {"content-length": "4"}, b"012", 0),  # short body
     (206, {"content-range": "bytes 4-7/10"}, b"abc", 4),
     (206, {"content-range": "bytes 5-8/10"}, b"abcd", 4),
     (304, {}, b"", 0),
