@@ -17,6 +17,7 @@ from typing import Any
 
 from imagefs.options import OptionError
 from imagefs.stores.base import BackendError
+from imagefs.stores.secrets import read_secret_file
 
 #: Keystone v3 keys and the variable each falls back on.
 _V3_ENV = {"project_name": "OS_PROJECT_NAME", "user_domain_name": "OS_USER_DOMAIN_NAME",
@@ -115,15 +116,7 @@ def read_key(store_id: str, a: Auth) -> str | None:
     """The key: ``key_file``'s content, else the environment's."""
     if not a.key_file:
         return a.key_env
-    try:
-        with open(a.key_file, encoding="utf-8") as f:
-            key = f.read().strip()
-    except OSError as e:
-        raise BackendError(f"store {store_id}: cannot read key_file {a.key_file}: "
-                           f"{e.strerror}") from None
-    if not key:
-        raise BackendError(f"store {store_id}: key_file {a.key_file} is empty")
-    return key
+    return read_secret_file(store_id, "key_file", a.key_file)
 
 
 def tls_context(store_id: str, cacert: str | None, insecure: bool) -> ssl.SSLContext:

@@ -31,7 +31,7 @@ from imagefs.stores.base import (
     user_meta,
 )
 from imagefs.stores.budget import MemoryBudget
-from imagefs.stores.owners import new_owner_id
+from imagefs.stores.owners import leftover_age_option, new_owner_id
 from imagefs.stores.swift import auth
 from imagefs.stores.swift.connection import Connections
 from imagefs.stores.swift.journal import Journal
@@ -80,9 +80,7 @@ class SwiftOptions:
     upload_memory: int = option("size", default=64 * MiB,
                                 help="buffers of all uploads of the store together")
     retries: int = option("int", default=3, help="retries of idempotent requests")
-    leftover_age: float = option("float", default=86400.0,
-                                 help="seconds after which another host's unfinished upload "
-                                      "is removed at mount")
+    leftover_age: float = leftover_age_option()
     cacert: str | None = option("path", help="CA bundle (PEM) to verify the server's TLS "
                                              "certificate; default the system's")
     insecure: bool = option("bool", default=False,
