@@ -29,7 +29,9 @@ import pytest
 from imagefs import config as config_mod
 from imagefs.stores import build
 from imagefs.stores.base import BackendError, Changed, NotFound, Store, Unsupported
-from imagefs.stores.swift import PENDING_PREFIX, SwiftStore
+from imagefs.stores.swift import SwiftStore
+from imagefs.stores.swift.connection import Connections
+from imagefs.stores.swift.journal import PENDING_PREFIX
 from tests.backends.fixtures import swift_connection
 from tests.integration.test_common import make_file, sh, sha256
 from tests.mounting import IMAGEFS, Mount, daemon_pid, tool, unmount
@@ -429,7 +431,7 @@ def test_glance_dlo_reads_lists_renames_and_deletes_as_swift_does(
     assert info.version == hashlib.md5("".join(
         hashlib.md5(data[o:o + 2 * MiB]).hexdigest()
         for o in range(0, len(data), 2 * MiB)).encode()).hexdigest()
-    assert store._segment_map(image_id, info.version) is not None  # read from the segments
+    assert store.reader.segment_map(image_id, info.version) is not None  # read from the segments
     assert store.read_range(image_id, info.version, 2 * MiB - 5, 4 * MiB) == \
         data[2 * MiB - 5:6 * MiB - 5]
     assert [i.name for i in store.list()] == sorted([image_id, "other.raw"])
@@ -482,16 +484,16 @@ def test_glance_dlo_reads_lists_renames_and_deletes_as_swift_does(
 
 
 # ------------------------------------------------------------------------------- review fixes
-# Faults are injected by wrapping ``store._call`` of a store built from config: the backend
+# Faults are injected by wrapping ``store.client.call`` of a store built from config: the backend
 # stays real, only the client's view of one request is changed.
 def hook_call(store: SwiftStore, hook: Callable[..., Any]) -> None:
-    """``hook(real, what, method, *args, **kwargs)`` replaces ``store._call``."""
-    real = store._call
+    """``hook(real, what, method, *args, **kwargs)`` replaces ``store.client.call``."""
+    real = store.client.call
 
     def wrapped(what: str, method: str, *a: Any, **k: Any) -> Any:
         return hook(real, what, method, *a, **k)
 
-    store._call = wrapped  # type: ignore[method-assign]
+    store.client.call = wrapped  # type: ignore[method-assign]
 
 
 def write_all(up: Any, data: bytes, chunk: int = MiB) -> None:
@@ -545,9 +547,9 @@ def test_manifest_put_error_never_deletes_a_published_manifests_segments(
     assert [s for s in listing(conn, seg_container(table)) if s.startswith(up.group + "/")]
     assert PENDING_PREFIX + up.uid in markers(table)  # cleanup_leftovers decides later
     conn.close()
-    store._call = SwiftStore._call.__get__(store)  # type: ignore[method-assign]
-    store._delete_group(up.group)
-    store._delete_quietly(store.segment_container, PENDING_PREFIX + up.uid)
+    store.client.call = Connections.call.__get__(store.client)  # type: ignore[method-assign]
+    store.journal.delete_group(up.group)
+    store.client.delete_quietly(store.segment_container, PENDING_PREFIX + up.uid)
 
     in_put, go = threading.Event(), threading.Event()
 
@@ -606,7 +608,7 @@ def test_rename_failures_never_leave_two_manifests_on_one_group(
     hook_call(store, no_delete)
     with pytest.raises(BackendError):
         store.rename("a.raw", "b.raw")
-    store._call = SwiftStore._call.__get__(store)  # type: ignore[method-assign]
+    store.client.call = Connections.call.__get__(store.client)  # type: ignore[method-assign]
     with pytest.raises(NotFound):  # the copy was removed, and with it b's old image
         store.stat("b.raw")
     assert store.read_range("a.raw", ia.version, 0, len(a)) == a
@@ -646,16 +648,16 @@ def test_set_meta_racing_a_replace_keeps_the_new_images_own_metadata(
     other = open_store(table, segment_size="1MiB")
     old, new = pattern(3 * MiB, "so"), pattern(5 * MiB + 1, "sn")
     upload(store, "img.raw", old)
-    real = store._head_headers
+    real = store.listing.head_headers
 
     def then_replace(name: str, newest: bool = False) -> Any:
         r = real(name, newest)
         upload(other, "img.raw", new)
         return r
 
-    store._head_headers = then_replace  # type: ignore[method-assign]
+    store.listing.head_headers = then_replace  # type: ignore[method-assign]
     store.set_meta("img.raw", {"mtime": "12345"})
-    store._head_headers = real  # type: ignore[method-assign]
+    store.listing.head_headers = real  # type: ignore[method-assign]
     fresh = open_store(table)
     info = fresh.stat("img.raw")
     assert info.size == len(new)
@@ -669,13 +671,13 @@ def test_abort_racing_an_abandoned_write_leaks_nothing(
     PUT that starts streaming)."""
     table = swift_store_table
     store = open_store(table, segment_size="1MiB", timeout=5.0)
-    real = store._put_marker
+    real = store.journal.put_marker
 
     def slow_marker(uid: str, record: Any) -> None:
         time.sleep(1.0)
         real(uid, record)
 
-    store._put_marker = slow_marker  # type: ignore[method-assign]
+    store.journal.put_marker = slow_marker  # type: ignore[method-assign]
     up = store.upload("img.raw")
     up.write(0, pattern(MiB, "w"))  # buffered
     t = threading.Thread(target=lambda: pytest.raises(BackendError, up.write, MiB,
@@ -714,9 +716,9 @@ def test_failed_segment_deletes_keep_the_marker(
     assert markers(table) == [PENDING_PREFIX + up.uid]
     assert listing(conn, seg_container(table), prefix=up.group) == [f"{up.group}/00000001"]
     conn.close()
-    store._call = SwiftStore._call.__get__(store)  # type: ignore[method-assign]
-    assert store._delete_group(up.group) == (1, True)
-    store._delete_quietly(store.segment_container, PENDING_PREFIX + up.uid)
+    store.client.call = Connections.call.__get__(store.client)  # type: ignore[method-assign]
+    assert store.journal.delete_group(up.group) == (1, True)
+    store.client.delete_quietly(store.segment_container, PENDING_PREFIX + up.uid)
     assert_clean(table)
 
 
@@ -744,7 +746,7 @@ def test_segment_maps_of_different_images_do_not_wait_for_each_other(
     store = open_store(table, segment_size="1MiB", timeout=4.0)
     ia = upload(store, "a.raw", pattern(2 * MiB + 1, "a"))
     ib = upload(store, "b.raw", pattern(2 * MiB + 2, "b"))
-    real = store._build_segment_map
+    real = store.reader.build_segment_map
     inside, go = threading.Event(), threading.Event()
     calls: list[str] = []
 
@@ -756,17 +758,17 @@ def test_segment_maps_of_different_images_do_not_wait_for_each_other(
             return None  # as if the segment listing lagged behind
         return real(name, *a, **k)
 
-    store._build_segment_map = build  # type: ignore[method-assign]
+    store.reader.build_segment_map = build  # type: ignore[method-assign]
     t = threading.Thread(target=store.read_range, args=("a.raw", ia.version, 0, 10))
     t.start()
     assert inside.wait(30)
     assert store.read_range("b.raw", ib.version, 0, 10) == pattern(10, "b")
     go.set()
     t.join(30)
-    store.MAP_RETRY = 0.0  # type: ignore[misc]
-    store._build_segment_map = real  # type: ignore[method-assign]
+    store.reader.MAP_RETRY = 0.0  # type: ignore[misc]
+    store.reader.build_segment_map = real  # type: ignore[method-assign]
     assert store.read_range("a.raw", ia.version, 0, 10) == pattern(10, "a")
-    assert store._segment_maps[("a.raw", ia.version)][0] is not None
+    assert store.reader.segment_maps[("a.raw", ia.version)][0] is not None
     assert calls == ["a.raw", "b.raw"]
 
 
@@ -779,14 +781,14 @@ def test_tls_options_and_close_of_every_connection(
 
     table = swift_store_table
     store = open_store(table, insecure=True, segment_size="1MiB")
-    assert store._ssl is not None and store._ssl.verify_mode == ssl.CERT_NONE
+    assert store.client.ssl is not None and store.client.ssl.verify_mode == ssl.CERT_NONE
     for i in range(3):
         upload(store, f"i{i}.raw", pattern(2 * MiB, str(i)))
     assert len(list(store.list())) == 3
-    conns = list(store._conns)
+    conns = list(store.client.conns)
     assert len(conns) >= 2 and all(c.insecure for c in conns)
     store.close()
-    assert store._conns == [] and all(c.http_conn is None for c in conns)
+    assert store.client.conns == [] and all(c.http_conn is None for c in conns)
     bad = tmp_path / "ca.pem"
     bad.write_text("not a certificate\n")
     with pytest.raises(BackendError, match="cacert"):
@@ -1029,7 +1031,7 @@ def test_secrets_stay_out_of_logs_properties_and_locations(
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)["stores"][0]["properties"]
     assert row["container"] == swift_store_table["container"] and row["images"] == 1
-    token = store._token  # the mount's own token is another one: no secret may show
+    token = store.client.token  # the mount's own token is another one: no secret may show
     assert token
     for text in (loc, r.stdout, json.dumps(store.properties()), m.log_text()):
         assert key not in text and token not in text
