@@ -79,14 +79,10 @@ class Unsupported(StoreError):
 class BackendError(StoreError):
     """Anything else the backend said or failed to say (EIO).
 
-    ``retryable`` is deprecated and ignored; nothing ever read it. Each store retries its
-    transient failures itself, within its own timeout, and ``bridge.call``'s deadline bounds the
-    whole call: a second retry layer above them would stretch the time to EIO that
-    doc/SEMANTICS.md ("How long stopping takes") promises. Call sites still passing it are to
-    drop it."""
-
-    def __init__(self, message: str, retryable: bool = False) -> None:
-        super().__init__(message)
+    There is no "retryable" flag (there was one; nothing read it): each store retries its
+    transient failures itself, within its own timeout, and ``bridge.call``'s deadline bounds
+    the whole call; a second retry layer above them would stretch the time to EIO that
+    doc/SEMANTICS.md ("How long stopping takes") promises."""
 
 
 @dataclass(frozen=True)

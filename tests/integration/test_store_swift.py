@@ -520,7 +520,7 @@ def test_manifest_put_error_never_deletes_a_published_manifests_segments(
     def lost_answer(real: Any, what: str, method: str, *a: Any, **k: Any) -> Any:
         r = real(what, method, *a, **k)
         if "PUT manifest" in what:
-            raise BackendError("PUT manifest: ReadTimeout (simulated)", retryable=True)
+            raise BackendError("PUT manifest: ReadTimeout (simulated)")
         return r
 
     hook_call(store, lost_answer)
@@ -534,7 +534,7 @@ def test_manifest_put_error_never_deletes_a_published_manifests_segments(
 
     def refused(real: Any, what: str, method: str, *a: Any, **k: Any) -> Any:
         if "PUT manifest" in what:
-            raise BackendError("PUT manifest: connection reset (simulated)", retryable=True)
+            raise BackendError("PUT manifest: connection reset (simulated)")
         return real(what, method, *a, **k)
 
     hook_call(store, refused)
@@ -602,7 +602,7 @@ def test_rename_failures_never_leave_two_manifests_on_one_group(
 
     def no_delete(real: Any, what: str, method: str, *a: Any, **k: Any) -> Any:
         if what == "a.raw: DELETE":
-            raise BackendError("a.raw: DELETE: HTTP 503 (simulated)", retryable=True)
+            raise BackendError("a.raw: DELETE: HTTP 503 (simulated)")
         return real(what, method, *a, **k)
 
     hook_call(store, no_delete)
@@ -708,7 +708,7 @@ def test_failed_segment_deletes_keep_the_marker(
 
     def flaky(real: Any, what: str, method: str, *a: Any, **k: Any) -> Any:
         if method == "delete_object" and "00000001" in what:
-            raise BackendError("HTTP 503 (simulated)", retryable=True)
+            raise BackendError("HTTP 503 (simulated)")
         return real(what, method, *a, **k)
 
     hook_call(store, flaky)

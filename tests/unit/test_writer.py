@@ -165,6 +165,34 @@ def test_cancel_drops_everything_and_refuses_later_writes(tmp_path: Path,
     assert not store.objects
 
 
+def test_a_write_failing_after_cancel_leaves_the_writer_cancelled(tmp_path: Path) -> None:
+    """``user.imagefs.discard`` while a write is at the backend, which then fails: the writer
+    stays cancelled (it does not become merely lost), so later writes are still refused."""
+    store = MemStore(random_write=True)
+    gate = store.gates["write"] = Gate()
+
+    async def body(w: Writer) -> None:
+        async def failing_write() -> None:
+            with pytest.raises(BackendError):
+                await w.write(0, b"a" * 10)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(failing_write)
+            while not gate.reached.is_set():
+                await trio.sleep(0.005)
+            store.failures["write"] = BackendError("write refused (simulated)")
+            n.start_soon(w.cancel)
+            await trio.sleep(0.05)
+            gate.open.set()
+        assert w.state is WriterState.CANCELLED
+        with pytest.raises(BackendError, match="discarded"):
+            await w.write(0, b"b")
+        assert await w.publish() is None
+
+    drive(store, tmp_path, None, body)
+    assert not store.objects
+
+
 def test_spool_streams_in_order_and_falls_back_to_a_whole_upload(tmp_path: Path) -> None:
     """A write below the high-water mark stops streaming; publish sends the whole spool."""
     store = MemStore()

@@ -117,8 +117,7 @@ class Connections:
             raise self.socket_error(what, e) from None
 
     def socket_error(self, what: str, e: BaseException) -> BackendError:
-        return BackendError(f"store {self.store_id}: {what}: {type(e).__name__}: {e}",
-                            retryable=True)
+        return BackendError(f"store {self.store_id}: {what}: {type(e).__name__}: {e}")
 
     def error(self, e: Any, what: str, write: bool) -> StoreError:
         """The store's exception for a swiftclient one; its ``status`` is the HTTP status."""
@@ -142,7 +141,7 @@ class Connections:
             return ReadOnly(msg) if write else BackendError(msg)
         if status in (413, 507):
             return NoSpace(msg)
-        return BackendError(msg, retryable=status in (408, 429, 498, 499) or status >= 500)
+        return BackendError(msg)
 
     def reauthenticate(self) -> None:
         conn = self.conn()

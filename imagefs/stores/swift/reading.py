@@ -89,7 +89,7 @@ class Reader:
             lock = self._map_locks.setdefault(key, threading.Lock())
         if not lock.acquire(timeout=self.client.timeout):
             raise BackendError(f"store {self._id}: {name}: segment map busy for "
-                               f"{self.client.timeout:g}s", retryable=True)
+                               f"{self.client.timeout:g}s")
         try:
             hit = self._cached_map(key)
             if hit is not None:

@@ -96,8 +96,7 @@ class SwiftUpload(Upload):
 
     def _acquire(self) -> None:
         if not self.lock.acquire(timeout=self.store.timeout):
-            raise BackendError(f"{self._what()}: upload busy for {self.store.timeout:g}s",
-                               retryable=True)
+            raise BackendError(f"{self._what()}: upload busy for {self.store.timeout:g}s")
 
     # ------------------------------------------------------------------ writing
     def write(self, offset: int, data: bytes) -> None:
@@ -217,7 +216,7 @@ class SwiftUpload(Upload):
                 raise BackendError(f"{self._what()}: segment {seg.index} upload ended early")
             if time.monotonic() > deadline:
                 raise BackendError(f"{self._what()}: segment {seg.index} upload made no "
-                                   f"progress for {self.store.timeout:g}s", retryable=True)
+                                   f"progress for {self.store.timeout:g}s")
             time.sleep(0.005)
 
     def _finish_segments(self) -> None:
@@ -229,7 +228,7 @@ class SwiftUpload(Upload):
                 seg.future.result(timeout=self.store.timeout)
             except concurrent.futures.TimeoutError:
                 raise BackendError(f"{self._what()}: segment {seg.index} upload did not finish "
-                                   f"within {self.store.timeout:g}s", retryable=True) from None
+                                   f"within {self.store.timeout:g}s") from None
             except StoreError:
                 raise
             except Exception as e:
