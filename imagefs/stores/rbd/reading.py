@@ -12,6 +12,7 @@ replace, never ``NotFound``.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -65,18 +66,82 @@ class Reader:
                 doom = True
                 raise BackendError(f"{self.store_id}/{name}: short read at {offset}: "
                                    f"{len(data)} of {n} bytes")
-            # After the read: a handle on a deleted image reads zeros, so only a name that
-            # still refers to this id proves the bytes are this version's.
-            try:
-                now = self.client.image_id(name)
-            except NotFound:
-                now = ""
-            if now != version:
+            if not self._still(name, version):
                 doom = True
                 raise Changed(f"{self.store_id}/{name} changed since it was opened")
             return data
         finally:
             self._release((name, version), h, doom)
+
+    def read_blocks(self, name: str, version: str, offset: int, length: int, block: int
+                    ) -> list[bytes]:
+        """The range as ``block``-byte pieces (the last may be shorter), read by one librbd
+        aio read each, all in flight at once, checked once after the last.
+
+        Why: one ``read`` of a 16 MiB run cut into 1 MiB blocks copied each block with the
+        GIL held (py-spy --gil: 14 of 80 samples on a cold read); separate reads give the
+        blocks their own buffers, and librbd still reads the objects in parallel."""
+        if offset < 0 or length < 0 or block <= 0:
+            raise BackendError(f"{self.store_id}/{name}: bad range {offset}+{length}")
+        h = self._acquire(name, version)
+        doom = False
+        what = f"{self.store_id}/{name}: read at {offset}"
+        try:
+            try:
+                size = h.image.size()
+            except Exception as e:
+                doom = True
+                err = self.client.err(e, what)
+                raise (Changed(str(err)) if isinstance(err, NotFound) else err) from None
+            end = offset + max(0, min(length, size - offset))
+            spans = [(o, min(block, end - o)) for o in range(offset, end, block)]
+            got: list[Any] = [None] * len(spans)
+            left = [len(spans)]
+            cond = threading.Condition()
+
+            def completion(i: int) -> Callable[[Any, Any], None]:
+                def done(comp: Any, data: Any) -> None:
+                    with cond:
+                        rv = comp.get_return_value()
+                        got[i] = data if rv >= 0 else OSError(-rv, os.strerror(-rv))
+                        left[0] -= 1
+                        cond.notify_all()
+                return done
+
+            try:
+                for i, (o, n) in enumerate(spans):
+                    h.image.aio_read(o, n, completion(i))
+            except Exception as e:
+                doom = True
+                raise self.client.err(e, what) from None
+            with cond:
+                # librados ends each op by the store timeout (ETIMEDOUT); this is the backstop.
+                if not cond.wait_for(lambda: left[0] == 0, timeout=self.client.timeout * 1.5):
+                    doom = True
+                    raise BackendError(f"{what}: no answer within {self.client.timeout:g}s")
+            for (o, n), data in zip(spans, got, strict=True):
+                if isinstance(data, BaseException):
+                    doom = True
+                    err = self.client.err(data, f"{self.store_id}/{name}: read at {o}")
+                    raise (Changed(str(err)) if isinstance(err, NotFound) else err)
+                if not isinstance(data, bytes) or len(data) != n:
+                    doom = True
+                    raise BackendError(f"{self.store_id}/{name}: short read at {o}: "
+                                       f"{len(data or b'')} of {n} bytes")
+            if not self._still(name, version):
+                doom = True
+                raise Changed(f"{self.store_id}/{name} changed since it was opened")
+            return got
+        finally:
+            self._release((name, version), h, doom)
+
+    def _still(self, name: str, version: str) -> bool:
+        """After a read: a handle on a deleted image reads zeros, so only a name that still
+        refers to this id proves the bytes are this version's."""
+        try:
+            return self.client.image_id(name) == version
+        except NotFound:
+            return False
 
     def _acquire(self, name: str, version: str) -> _Handle:
         key = (name, version)

@@ -145,6 +145,10 @@ class RbdStore(Store):
     def read_range(self, name: str, version: str, offset: int, length: int) -> bytes:
         return self.reader.read(name, version, offset, length)
 
+    def read_chunks(self, name: str, version: str, offset: int, length: int, chunk: int
+                    ) -> Iterator[bytes]:
+        yield from self.reader.read_blocks(name, version, offset, length, chunk)
+
     # ------------------------------------------------------------------ changes
     def upload(self, name: str, size_hint: int | None = None) -> Upload:
         self._writable()
