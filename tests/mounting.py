@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,23 +136,27 @@ def daemon_pid(m: Mount) -> int:
     return int(out[0])
 
 
-def kill_daemon_mid_write(m: Mount, path: Path, hold: int = 30) -> None:
-    """SIGKILL the daemon of ``m`` while another process has ``path`` open for writing with
-    300,000 bytes written and flushed (an upload in progress), and wait until it is gone:
-    what a crash leaves for the next mount to clean up."""
-    import signal
-
+def kill_daemon_mid_write(m: Mount, path: Path, hold: int = 30, *, nbytes: int = 300_000,
+                          sig: int = signal.SIGKILL, wait: float = 10.0,
+                          before: Callable[[], None] | None = None) -> bool:
+    """Signal (SIGKILL unless ``sig``) the daemon of ``m`` while another process has ``path``
+    open for writing with ``nbytes`` written and flushed (an upload in progress), after
+    ``before()`` if given, and wait up to ``wait`` seconds for it to be gone: what a crash or
+    a stop leaves for the next mount. Returns whether the daemon is gone."""
     pid = daemon_pid(m)
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*300000); f.flush();"
+        f"import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*{nbytes}); f.flush();"
         f"print('ready',flush=True); time.sleep({hold})"), str(path)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
+        if before is not None:
+            before()
+        os.kill(pid, sig)
+        deadline = time.monotonic() + wait
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
+        return not os.path.exists(f"/proc/{pid}")
     finally:
         holder.kill()
         holder.wait()

@@ -264,21 +264,8 @@ def test_umount_waits_for_open_files(mount_factory: Any, file_store_table: dict[
 def test_sigterm_with_open_writer_publishes_nothing(mount_factory: Any,
                                                     file_store_table: dict[str, Any]) -> None:
     m = mount_factory({"s": file_store_table})
-    pid = daemon_pid(m)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'p'*100000); f.flush();"
-        "print('ready',flush=True); time.sleep(30)"), str(m.path("s", "partial.raw"))],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not os.path.exists(f"/proc/{pid}"), "daemon did not exit on SIGTERM"
-    finally:
-        holder.kill()
-        holder.wait()
+    assert kill_daemon_mid_write(m, m.path("s", "partial.raw"), nbytes=100_000,
+                                 sig=signal.SIGTERM, wait=30), "daemon did not exit on SIGTERM"
     unmount(m)
     assert os.listdir(file_store_table["path"]) == [], "partial image or upload left behind"
 

@@ -34,7 +34,7 @@ from imagefs.stores.swift.connection import Connections
 from imagefs.stores.swift.journal import PENDING_PREFIX
 from tests.backends.fixtures import swift_connection
 from tests.integration.test_common import make_file, sh, sha256
-from tests.mounting import IMAGEFS, Mount, daemon_pid, tool, unmount
+from tests.mounting import IMAGEFS, Mount, daemon_pid, kill_daemon_mid_write, tool, unmount
 
 MiB = 1 << 20
 KINDS = ["swift", "rgw_swift"]
@@ -1174,25 +1174,16 @@ def test_daemon_crash_mid_upload_is_cleaned_at_remount(
     table = swift_store_table
     m = mount_factory({"s": table})
     m.path("s", "kept.raw").write_bytes(pattern(9 * MiB, "kept"))
-    pid = daemon_pid(m)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys,time; f=open(sys.argv[1],'wb'); f.write(b'N'*(13<<20)); f.flush();"
-        "print('ready',flush=True); time.sleep(60)"), str(m.path("s", "crash.raw"))],
-        stdout=subprocess.PIPE, text=True)
     conn = raw(table)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+
+    def segments_reached_the_store() -> None:
         deadline = time.monotonic() + 60
         while not [s for s in listing(conn, seg_container(table), prefix="crash.raw/")]:
             assert time.monotonic() < deadline, "the upload never reached the store"
             time.sleep(0.1)
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        holder.kill()
-        holder.wait()
+
+    kill_daemon_mid_write(m, m.path("s", "crash.raw"), hold=60, nbytes=13 << 20,
+                          before=segments_reached_the_store)
     assert [s for s in listing(conn, seg_container(table)) if s.startswith(PENDING_PREFIX)]
     r = subprocess.run([*IMAGEFS, "mount", str(m.config), str(m.root), "-o", f"log={m.log}"],
                        capture_output=True, text=True, timeout=120)

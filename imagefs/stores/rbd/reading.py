@@ -49,29 +49,9 @@ class Reader:
         self._handles: OrderedDict[tuple[str, str], _Handle] = OrderedDict()
 
     def read(self, name: str, version: str, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise BackendError(f"{self.store_id}/{name}: bad range {offset}+{length}")
-        h = self._acquire(name, version)
-        doom = False
-        try:
-            try:
-                size = h.image.size()
-                n = max(0, min(length, size - offset))
-                data = h.image.read(offset, n) if n else b""
-            except Exception as e:
-                doom = True
-                err = self.client.err(e, f"{self.store_id}/{name}: read at {offset}")
-                raise (Changed(str(err)) if isinstance(err, NotFound) else err) from None
-            if len(data) != n:
-                doom = True
-                raise BackendError(f"{self.store_id}/{name}: short read at {offset}: "
-                                   f"{len(data)} of {n} bytes")
-            if not self._still(name, version):
-                doom = True
-                raise Changed(f"{self.store_id}/{name} changed since it was opened")
-            return data
-        finally:
-            self._release((name, version), h, doom)
+        """The range as one piece (``read_range``), by the same checked path as blocks."""
+        pieces = self.read_blocks(name, version, offset, length, max(length, 1))
+        return pieces[0] if pieces else b""
 
     def read_blocks(self, name: str, version: str, offset: int, length: int, block: int
                     ) -> list[bytes]:
@@ -91,8 +71,7 @@ class Reader:
                 size = h.image.size()
             except Exception as e:
                 doom = True
-                err = self.client.err(e, what)
-                raise (Changed(str(err)) if isinstance(err, NotFound) else err) from None
+                raise self._gone_is_changed(e, what) from None
             end = offset + max(0, min(length, size - offset))
             spans = [(o, min(block, end - o)) for o in range(offset, end, block)]
             got: list[Any] = [None] * len(spans)
@@ -113,7 +92,7 @@ class Reader:
                     h.image.aio_read(o, n, completion(i))
             except Exception as e:
                 doom = True
-                raise self.client.err(e, what) from None
+                raise self._gone_is_changed(e, what) from None
             with cond:
                 # librados ends each op by the store timeout (ETIMEDOUT); this is the backstop.
                 if not cond.wait_for(lambda: left[0] == 0, timeout=self.client.timeout * 1.5):
@@ -122,8 +101,7 @@ class Reader:
             for (o, n), data in zip(spans, got, strict=True):
                 if isinstance(data, BaseException):
                     doom = True
-                    err = self.client.err(data, f"{self.store_id}/{name}: read at {o}")
-                    raise (Changed(str(err)) if isinstance(err, NotFound) else err)
+                    raise self._gone_is_changed(data, f"{self.store_id}/{name}: read at {o}")
                 if not isinstance(data, bytes) or len(data) != n:
                     doom = True
                     raise BackendError(f"{self.store_id}/{name}: short read at {o}: "
@@ -134,6 +112,12 @@ class Reader:
             return got
         finally:
             self._release((name, version), h, doom)
+
+    def _gone_is_changed(self, e: BaseException, what: str) -> Exception:
+        """The store error for a failed read; an image deleted under an open reader is
+        ``Changed`` (EIO), as after a replace, not ``NotFound``."""
+        err = self.client.err(e, what)
+        return Changed(str(err)) if isinstance(err, NotFound) else err
 
     def _still(self, name: str, version: str) -> bool:
         """After a read: a handle on a deleted image reads zeros, so only a name that still
