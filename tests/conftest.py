@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,3 +62,14 @@ collect_ignore = ([] if {"s3", "rbd", "swift"} <= set(STORE_KINDS)
 def store_table(request: pytest.FixtureRequest) -> dict[str, Any]:
     """A writable store's config table, once per kind: the common tests run on each."""
     return request.getfixturevalue(f"{request.param}_store_table")
+
+
+#: The FUSE control file system: imagefs mounts it to tune its connections when the host has
+#: not (systemd does at boot; a bare container does not). Tests leave the host as they found it.
+_FUSECTL = Path("/sys/fs/fuse/connections")
+_fusectl_was_mounted = os.path.ismount(_FUSECTL)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not _fusectl_was_mounted and os.path.ismount(_FUSECTL) and not any(_FUSECTL.iterdir()):
+        subprocess.run(["umount", str(_FUSECTL)], capture_output=True, check=False)
