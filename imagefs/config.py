@@ -53,6 +53,9 @@ class CacheConfig:
     #: Past this many bytes streamed in order, a spooled upload drops what it has sent from
     #: its local spool (0: never), so copying a huge image to S3/Swift needs no disk for it.
     spool_trim_after: int = 1 << 30
+    #: Bytes written to random-write stores (file, rbd, cinder) that may be queued at once,
+    #: all writers together, so the store write and the hashing overlap (0: write through).
+    max_write_behind: int = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ _CACHE_KEYS: dict[str, Option] = {
     "fetch_size": Option("size", default=16 << 20),
     "page_cache": Option("bool", default=True),
     "spool_trim_after": Option("size", default=1 << 30),
+    "max_write_behind": Option("size", default=16 << 20),
 }
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -219,6 +223,7 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
         max_prefetch_memory=cache["max_prefetch_memory"], fetch_size=cache["fetch_size"],
         page_cache=cache["page_cache"],
         spool_trim_after=cache["spool_trim_after"],
+        max_write_behind=cache["max_write_behind"],
     )
     hashes = c.table("hash", data.get("hash", {}), _HASH_KEYS)
 

@@ -4,6 +4,10 @@ For stores with ``Capability.RANDOM_WRITE`` (file, rbd, cinder). All-zero writes
 everything written become a size change, so sparse images stay sparse. Hashes are computed as
 bytes arrive in order; a close hashes at most ``hash_inline_max`` bytes that did not (holes,
 writes out of order), past it the image is published without hashes (hashed later).
+
+Writes are queued (imagefs.write_behind): the store write and the hashing of one write overlap
+each other and the next write. Everything that must see the written bytes (a read, a truncate,
+fsync, publish) drains the queue first, and a failure in it fails every later call.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import trio
 from imagefs import bridge
 from imagefs.hashing import ImageHasher
 from imagefs.stores.base import ImageInfo, Store, Upload
+from imagefs.write_behind import WriteBehind
 from imagefs.writer import CHUNK, Writer, WriterSettings
 
 log = logging.getLogger(__name__)
@@ -31,14 +36,32 @@ class DirectWriter(Writer):
                  settings: WriterSettings, nursery: trio.Nursery, existed: bool = False) -> None:
         super().__init__(store, name, base, mode, settings, nursery, existed)
         self._upload: Upload | None = None
+        self._behind: WriteBehind | None = None  # the queue of ``_upload``
         self._extent = 0  # end of the furthest byte actually written to the upload
-        #: Every byte below ``_hasher.offset`` went through the hasher in order.
+        #: Every byte below ``_hash_end`` went (or is queued to go) through the hasher in
+        #: order; ``_hasher.offset`` reaches it once the queue is drained.
         self._hash_ok = True
+        self._hash_end = 0
 
     async def _upload_now(self) -> Upload:
         if self._upload is None:
-            self._upload = await self._new_upload()
+            up = self._upload = await self._new_upload()
+            self._behind = WriteBehind(self.store, up.write, self._hash_piece,
+                                       self.settings.write_budget, self.nursery)
         return self._upload
+
+    def _hash_piece(self, gap: int, data: bytes) -> None:
+        self._hasher.update_zeros(gap)
+        self._hasher.update(data)
+
+    async def _drained(self) -> None:
+        """Every queued write is in the upload (and hashed); else the queue's failure."""
+        if self._behind is not None:
+            try:
+                await self._behind.drain()
+            except BaseException as e:
+                self._lose(e)  # fsync too: the pending bytes are unknown from here on
+                raise
 
     async def _seed(self, end: int) -> None:
         up = await self._upload_now()
@@ -50,46 +73,46 @@ class DirectWriter(Writer):
             self._hasher.update(data)
 
         await self._copy_published(sink, end, sink_is_store=True)
-        self._extent = end
+        self._extent = self._hash_end = end
 
     async def _write(self, offset: int, data: bytes) -> None:
-        up = await self._upload_now()
+        await self._upload_now()
+        assert self._behind is not None
+        self._behind.check()
         if offset >= self._extent and _all_zero(data):
             return  # a hole: publishing sets the size, nothing is allocated
-        h = self._hasher
-        in_order = self._hash_ok and offset >= h.offset and offset >= self._extent
-        if in_order and offset - h.offset > self.settings.hash_inline_max:
+        in_order = self._hash_ok and offset >= self._hash_end and offset >= self._extent
+        if in_order and offset - self._hash_end > self.settings.hash_inline_max:
             in_order = False  # a hole too big to hash here: the image is hashed later
-
-        def put() -> None:
-            up.write(offset, data)
-            if in_order:
-                h.update_zeros(offset - h.offset)
-                h.update(data)
-
-        await bridge.call(self.store, put)
-        if not in_order:
+        await self._behind.submit(offset, data, offset - self._hash_end if in_order else None)
+        if in_order:
+            self._hash_end = offset + len(data)
+        else:
             self._hash_ok = False
         self._extent = max(self._extent, offset + len(data))
 
     async def _read(self, offset: int, size: int) -> bytes:
         if self._upload is None:
             return bytes(size)
+        await self._drained()
         return await bridge.call(self.store, self._upload.read, offset, size)
 
     async def _truncate(self, size: int) -> None:
         up = await self._upload_now()
+        await self._drained()
         await bridge.call(self.store, up.truncate, size)
         self._extent = min(self._extent, size)
-        if size < self._hasher.offset:
+        if size < self._hash_end:
             self._hash_ok = False
 
     async def _sync(self) -> None:
         if self._upload is not None:
+            await self._drained()
             await bridge.call(self.store, self._upload.flush)
 
     async def _publish(self, meta: dict[str, str]) -> ImageInfo:
         up = await self._upload_now()
+        await self._drained()
         size, h = self.size, self._hasher
         in_order = self._hash_ok and h.offset <= size
         unhashed = size - h.offset if in_order else size
@@ -116,18 +139,21 @@ class DirectWriter(Writer):
         try:
             info = await bridge.call(self.store, finish, timeout=self._long())
         except BaseException:
-            self._upload = None
+            self._upload = self._behind = None
             await self._abort_quietly(up)
             raise
-        self._upload = None
+        self._upload = self._behind = None
         return info
 
     def _after_publish(self) -> None:
         self._hash_ok = True
         self._seeded = False  # the upload is spent; a later change starts from `base`
-        self._extent = 0
+        self._extent = self._hash_end = 0
 
     async def _discard(self) -> None:
+        if self._behind is not None:
+            with trio.CancelScope(shield=True):
+                await self._behind.settle()  # no queued write may land after the abort
         if self._upload is not None:
             await self._abort_quietly(self._upload)
-        self._upload = None
+        self._upload = self._behind = None

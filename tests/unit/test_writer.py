@@ -103,24 +103,74 @@ def test_a_truncate_to_zero_reads_nothing_of_the_published_image(tmp_path: Path)
     assert store.objects["img"].data == b"new"
 
 
-def test_a_failed_write_loses_the_pending_image_for_good(tmp_path: Path) -> None:
+BEHIND = pytest.mark.parametrize("behind", [0, 16 << 20], ids=["through", "behind"])
+
+
+@BEHIND
+def test_a_failed_write_loses_the_pending_image_for_good(tmp_path: Path, behind: int) -> None:
+    """Written through, the write itself fails; queued (write-behind), the next call does.
+    Either way every later write, the publish and reads fail: nothing is published."""
     store = MemStore(random_write=True)
 
     async def body(w: Writer) -> None:
         await w.write(0, b"a" * 10)
+        await w.sync()
         store.failures["write"] = BackendError("write refused (simulated)")
-        with pytest.raises(BackendError):
-            await w.write(10, b"b" * 10)
+        if behind:
+            await w.write(10, b"b" * 10)  # queued: its failure is the next call's
+            with pytest.raises(BackendError, match="refused"):
+                await w.sync()
+        else:
+            with pytest.raises(BackendError, match="refused"):
+                await w.write(10, b"b" * 10)
         assert w.state is WriterState.LOST and w.lost and w.doomed
-        await w.write(20, b"c")  # succeeds, but cannot make the image whole again
+        with pytest.raises(BackendError):
+            await w.write(20, b"c")  # the store would take it, the image is not whole
         assert w.state is WriterState.LOST
         with pytest.raises(BackendError, match="earlier write failed"):
             await w.publish()
         with pytest.raises(BackendError):
             await w.read(0, 10)
 
-    drive(store, tmp_path, None, body)
+    drive(store, tmp_path, None, body, write_behind=behind)
     assert not store.objects
+
+
+def test_queued_writes_stay_within_the_budget_and_publish_in_order(tmp_path: Path) -> None:
+    """With the store stalled, writes queue until the budget is full; the next one waits
+    (written in its turn, not queued past the budget). Released, everything lands in order
+    and the hashes are those of the bytes."""
+    import hashlib
+
+    store = MemStore(random_write=True)
+    gate = store.gates["write"] = Gate()
+    pieces = [bytes([65 + i]) * 10 for i in range(5)]
+
+    async def body(w: Writer) -> None:
+        budget = w.settings.write_budget
+        await w.write(0, pieces[0])  # queued, its store write held at the gate
+        await w.write(10, pieces[1])
+        assert budget.used == 20
+        done = trio.Event()
+
+        async def third() -> None:
+            await w.write(20, pieces[2])
+            done.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(third)
+            await trio.sleep(0.1)
+            assert not done.is_set() and budget.used <= budget.max_bytes
+            gate.open.set()
+        for i in (3, 4):
+            await w.write(10 * i, pieces[i])
+        await w.publish()
+        assert budget.used == 0
+
+    drive(store, tmp_path, None, body, write_behind=20)
+    img = store.objects["img"]
+    assert img.data == b"".join(pieces)
+    assert img.meta[META_VALUE] == hashlib.sha512(b"".join(pieces)).hexdigest()
 
 
 @STRATEGIES
@@ -165,14 +215,20 @@ def test_cancel_drops_everything_and_refuses_later_writes(tmp_path: Path,
     assert not store.objects
 
 
-def test_a_write_failing_after_cancel_leaves_the_writer_cancelled(tmp_path: Path) -> None:
+@BEHIND
+def test_a_write_failing_after_cancel_leaves_the_writer_cancelled(tmp_path: Path,
+                                                                 behind: int) -> None:
     """``user.imagefs.discard`` while a write is at the backend, which then fails: the writer
-    stays cancelled (it does not become merely lost), so later writes are still refused."""
+    stays cancelled (it does not become merely lost), so later writes are still refused.
+    Queued, the write returned before; the discard waits for it before aborting."""
     store = MemStore(random_write=True)
     gate = store.gates["write"] = Gate()
 
     async def body(w: Writer) -> None:
         async def failing_write() -> None:
+            if behind:
+                await w.write(0, b"a" * 10)
+                return
             with pytest.raises(BackendError):
                 await w.write(0, b"a" * 10)
 
@@ -189,7 +245,7 @@ def test_a_write_failing_after_cancel_leaves_the_writer_cancelled(tmp_path: Path
             await w.write(0, b"b")
         assert await w.publish() is None
 
-    drive(store, tmp_path, None, body)
+    drive(store, tmp_path, None, body, write_behind=behind)
     assert not store.objects
 
 
