@@ -48,8 +48,9 @@ class CacheConfig:
     #: Most bytes one backend read request fetches (a run of blocks, see reader.py).
     fetch_size: int = 16 << 20
     #: Readers use the kernel page cache (fast re-reads of an unchanged image while it stays
-    #: cached) instead of direct I/O (one copy less per byte: faster first reads).
-    page_cache: bool = True
+    #: cached) instead of direct I/O (the default: sequential reads 1.3-1.5x faster here,
+    #: see imagefs.toml(5)).
+    page_cache: bool = False
     #: Past this many bytes streamed in order, a spooled upload drops what it has sent from
     #: its local spool (0: never), so copying a huge image to S3/Swift needs no disk for it.
     spool_trim_after: int = 1 << 30
@@ -108,7 +109,7 @@ _CACHE_KEYS: dict[str, Option] = {
     "readahead": Option("size", default=64 << 20),
     "max_prefetch_memory": Option("size", default=64 << 20),
     "fetch_size": Option("size", default=16 << 20),
-    "page_cache": Option("bool", default=True),
+    "page_cache": Option("bool", default=False),
     "spool_trim_after": Option("size", default=1 << 30),
     "max_write_behind": Option("size", default=16 << 20),
 }

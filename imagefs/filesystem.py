@@ -72,7 +72,7 @@ class FsSettings:
     mountpoint: str = ""
     #: Readers go through the kernel's page cache (kept across opens of an unchanged image)
     #: instead of direct I/O; see ``cache.page_cache`` in imagefs.toml(5).
-    page_cache: bool = True
+    page_cache: bool = False
 
     def read_only_for(self, store: Store) -> bool:
         return store.read_only or self.read_only

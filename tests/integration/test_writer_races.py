@@ -16,10 +16,11 @@ import pytest
 from tests.integration.test_common import MiB
 
 
-def _store(mount_factory: Any, tmp_path: Path) -> tuple[Any, Path]:
+def _store(mount_factory: Any, tmp_path: Path, page_cache: bool = False) -> tuple[Any, Path]:
     d = tmp_path / "store"
     d.mkdir()
-    return mount_factory({"a": {"type": "file", "path": str(d)}}), d
+    return mount_factory({"a": {"type": "file", "path": str(d)}},
+                         cache={"page_cache": page_cache}), d
 
 
 def test_readers_get_the_whole_published_image_during_a_shrinking_rewrite(
@@ -48,8 +49,8 @@ def test_shrinking_an_image_open_for_reading_is_refused(mount_factory: Any,
     """O_TRUNC (the kernel sets the size to 0 at once) or truncate below the size of a version
     being read would make its readers stop early without an error: ETXTBSY. Readers that open
     while a writer is at work read without the kernel's size cap and get their whole version;
-    a replacement by rename works."""
-    m, d = _store(mount_factory, tmp_path)
+    a replacement by rename works. (Page-cache readers: ``cache.page_cache = true``.)"""
+    m, d = _store(mount_factory, tmp_path, page_cache=True)
     old = os.urandom(2 * MiB)
     m.path("a", "img.raw").write_bytes(old)
     with open(m.path("a", "img.raw"), "rb") as r:

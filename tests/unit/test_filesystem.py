@@ -198,7 +198,7 @@ def test_shrinking_an_image_a_page_cache_reader_holds_is_etxtbsy(tmp_path: Path)
         await fs.setattr(ino, AttrChange(size=20_000))  # growing is fine
         await fs.release(reader.fh)
 
-    run(make_filesystem([store], tmp_path), body)
+    run(make_filesystem([store], tmp_path, page_cache=True), body)
     assert store.objects["img"].data == b"r" * 10_000 + bytes(10_000)
 
 
