@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from imagefs import bridge
-from imagefs.attributes import cached_sizes
 from imagefs.errors import FsError
 from imagefs.inodes import Node
 from imagefs.procfs import process_of
@@ -173,12 +172,16 @@ async def between_releases(node: Node, step: Callable[[], Awaitable[T]]) -> T:
 
 
 def refuse_shrink_under_readers(node: Node, size: int, what: str) -> None:
-    """ETXTBSY for making an image smaller than a version its page-cache readers read.
+    """ETXTBSY for making an image smaller than a version its readers read.
 
-    The kernel takes the new size at once (O_TRUNC: 0) and stops those readers there: they
-    would see the end of the image and copy it short, without an error. Replacing with a
-    new file renamed over the old (rsync's way) is safe: readers keep their version."""
-    if size < max(cached_sizes(node), default=0):
+    Page-cache readers: the kernel takes the new size at once (O_TRUNC: 0) and stops them
+    there, so they would copy the image short without an error. Direct readers (the
+    default) would read on until the rewrite is published and then fail with EIO where
+    their version is gone: a VM running from the image must not lose it to a ``cp`` over
+    it. Replacing with a new file renamed over the old (rsync's way) is allowed: readers
+    keep their version's bytes or get EIO, never a mix."""
+    if size < max((h.reader.info.size for h in node.readers if h.reader is not None),
+                  default=0):
         log.warning("%s/%s: %s refused (ETXTBSY): the image is open for reading; write a "
                     "new file and rename it over instead", node.store_id, node.name, what)
         raise FsError(errno.ETXTBSY)

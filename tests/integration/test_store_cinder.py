@@ -175,6 +175,7 @@ def test_image_outgrows_its_volume_while_written(mount_factory: Any,
     try:
         os.pwrite(fd, a, 0)
         os.pwrite(fd, b, GiB - 2 * MiB)  # across the first boundary
+        os.fsync(fd)  # writes are queued (write-behind): fsync waits for them
         sizes = []
         for v in live(cinder_project):
             if v["name"].startswith(".imagefs-") and v["attachments"]:

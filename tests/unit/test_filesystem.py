@@ -202,6 +202,25 @@ def test_shrinking_an_image_a_page_cache_reader_holds_is_etxtbsy(tmp_path: Path)
     assert store.objects["img"].data == b"r" * 10_000 + bytes(10_000)
 
 
+def test_shrinking_an_image_a_direct_reader_holds_is_etxtbsy(tmp_path: Path) -> None:
+    """Direct readers (the default) would read on, then hit EIO once the rewrite is
+    published: refused like page-cache readers; growing is fine."""
+    store = MemStore()
+
+    async def body(fs: FileSystem) -> None:
+        ino = await new_image(fs, "img", b"r" * 10_000)
+        reader = await fs.open(ino, os.O_RDONLY, ME)
+        assert reader.direct_io
+        await refused(errno.ETXTBSY, fs.open(ino, os.O_WRONLY | os.O_TRUNC, ME))
+        await refused(errno.ETXTBSY, fs.setattr(ino, AttrChange(size=10)))
+        assert await fs.read(reader.fh, 0, 10_000) == b"r" * 10_000
+        await fs.setattr(ino, AttrChange(size=20_000))
+        await fs.release(reader.fh)
+
+    run(make_filesystem([store], tmp_path), body)
+    assert store.objects["img"].data == b"r" * 10_000 + bytes(10_000)
+
+
 @STRATEGIES
 def test_readers_keep_the_published_size_and_bytes_during_a_shrinking_rewrite(
         tmp_path: Path, random_write: bool) -> None:
@@ -209,10 +228,10 @@ def test_readers_keep_the_published_size_and_bytes_during_a_shrinking_rewrite(
 
     async def body(fs: FileSystem) -> None:
         ino = await new_image(fs, "img", b"p" * 50_000)
-        reader = await fs.open(ino, os.O_RDONLY, ME)  # uncapped: not yet looked up
-        assert reader.direct_io
-        writer = await fs.open(ino, os.O_WRONLY | os.O_TRUNC, ME)
+        writer = await fs.open(ino, os.O_WRONLY | os.O_TRUNC, ME)  # no reader: allowed
         await fs.write(writer.fh, 0, b"n" * 10)
+        reader = await fs.open(ino, os.O_RDONLY, ME)  # uncapped: a writer is at work
+        assert reader.direct_io
         assert (await fs.getattr(ino)).size == 50_000
         assert await fs.read(reader.fh, 0, 60_000) == b"p" * 50_000
         await fs.flush(writer.fh)
