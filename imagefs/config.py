@@ -126,7 +126,7 @@ _HASH_KEYS: dict[str, Option] = {
 }
 
 _MOUNT_KEYS: dict[str, Option] = {
-    "stop_timeout": Option("float", default=30.0),
+    "stop_timeout": Option("seconds", default=30.0),
     "metrics": Option("str", default=None),
     "log_level": Option(LOG_LEVELS, default="info"),
 }
@@ -203,8 +203,6 @@ def parse(data: Mapping[str, Any], p: Path) -> Config:
         raise c.fail(unknown[0], "unknown key (known keys: "
                      + ", ".join(sorted(TOP_KEYS)) + ")")
     mount = c.table("mount", data.get("mount", {}), _MOUNT_KEYS)
-    if mount["stop_timeout"] < 0:
-        raise c.fail("mount.stop_timeout", "expected a number of seconds ≥ 0")
     metrics = None
     if mount["metrics"] is not None:
         try:

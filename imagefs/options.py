@@ -57,8 +57,8 @@ class Option:
     """One type-specific store key: its kind, whether required, and its default.
 
     kinds: str, path, secret_file (a path to a file holding a credential, see
-    ``imagefs.config``), bool, int, float, size, list (of str), or a tuple of allowed
-    strings.
+    ``imagefs.config``), bool, int, float, seconds (a float, 0 or more), size, list (of
+    str), or a tuple of allowed strings.
     """
 
     kind: Any = "str"
@@ -72,7 +72,8 @@ def expect(kind: Any) -> str:
         return "one of " + ", ".join(f'"{k}"' for k in kind)
     return {
         "str": "a string", "path": "a path string", "bool": "true or false",
-        "int": "an integer", "float": "a number", "size": 'a size like "4MiB"',
+        "int": "an integer", "float": "a number", "seconds": "a number of seconds ≥ 0",
+        "size": 'a size like "4MiB"',
         "list": "a list of strings", "secret_file": "a path string",
     }[kind]
 
@@ -101,6 +102,10 @@ def convert(kind: Any, value: Any) -> Any:
         return value
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(expect(kind))
+        return float(value)
+    if kind == "seconds":
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ValueError(expect(kind))
         return float(value)
     if kind == "size":

@@ -58,5 +58,5 @@ def condemned(owner_id: str, age: float, leftover_age: float) -> bool:
 def leftover_age_option() -> Any:
     """The ``leftover_age`` key of every store that leaves uploads behind a crash: one
     default and one meaning (``condemned``) for all of them."""
-    return option("float", default=86400.0,
+    return option("seconds", default=86400.0,
                   help="seconds after which uploads of other hosts count as dead")

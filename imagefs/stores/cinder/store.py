@@ -81,7 +81,7 @@ class CinderOptions:
                                              help='"key=value" pairs a volume must carry to be '
                                                   "shown; imagefs sets them on the volumes it "
                                                   "writes")
-    detach_after: float = option("float", default=10.0,
+    detach_after: float = option("seconds", default=10.0,
                                  help="seconds a read attachment is kept after its last read")
     prepare_volumes: bool = option("bool", default=True,
                                    help="keep the next upload's volume created and attached "
@@ -137,10 +137,6 @@ class CinderStore(Store):
             parse_pairs(options.get("match_metadata"))
         except ValueError as e:
             raise OptionError("match_metadata", f'entries like "key=value", got {e}') from None
-        for key in ("detach_after", "leftover_age"):
-            value = options.get(key)
-            if value is not None and value < 0:
-                raise OptionError(key, "a number of seconds, 0 or more")
 
     def _password(self) -> str:
         return read_secret_file(self.id, "password_file", self.opts.password_file or "")

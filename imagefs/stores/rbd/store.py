@@ -48,7 +48,7 @@ class RbdOptions:
     namespace: str = option("str", default="", help="RBD namespace within the pool")
     glance_layout: bool = option("bool", default=False,
                                  help="after publish, create and protect snapshot 'snap'")
-    stat_ttl: float = option("float", default=10.0,
+    stat_ttl: float = option("seconds", default=10.0,
                              help="seconds image facts (size, metadata) are reused per image id")
     leftover_age: float = leftover_age_option()
 
@@ -82,10 +82,6 @@ class RbdStore(Store):
         if options.get("glance_layout") and options.get("namespace"):
             raise OptionError("glance_layout", "false when namespace is set: Glance's rbd:// "
                                                "locations cannot name an RBD namespace")
-        for key in ("stat_ttl", "leftover_age"):
-            value = options.get(key)
-            if value is not None and value < 0:
-                raise OptionError(key, "a number of seconds, 0 or more")
 
     # ------------------------------------------------------------------ connection
     def open(self) -> None:

@@ -139,8 +139,6 @@ class SwiftStore(Store):
             raise OptionError("upload_concurrency", "expected an integer from 1 to 32")
         if not 0 <= options["retries"] <= 20:
             raise OptionError("retries", "expected an integer from 0 to 20")
-        if options["leftover_age"] < 0:
-            raise OptionError("leftover_age", "expected a number of seconds ≥ 0")
         ref = options.get("glance_reference")
         if ref is not None and (not ref or "/" in ref or "@" in ref):
             raise OptionError("glance_reference", "expected a glance-swift.conf reference name")
