@@ -34,6 +34,7 @@ from imagefs.filesystem import FsSettings
 from imagefs.fs import ImageFS
 from imagefs.reader import BlockSource
 from imagefs.stores.base import Store
+from imagefs.upload_queue import Budget
 from imagefs.writer import WriterSettings
 
 log = logging.getLogger("imagefs")
@@ -207,7 +208,7 @@ def build_fs(config: Config, stores: list[Store], mountpoint: str, opts: MountOp
         ttl=config.metadata_ttl, readahead=cc.readahead,
         writer=WriterSettings(spool_dir=spool, hash_algo=config.hash.algo,
                               spool_trim_after=config.cache.spool_trim_after,
-                              write_behind=config.cache.max_write_behind,
+                              write_budget=Budget(config.cache.max_write_behind),
                               hash_inline_max=config.hash.inline_max,
                               hash_background_max=config.hash.background_max),
         uid=os.getuid(), gid=os.getgid(), read_only=opts.read_only, mountpoint=mountpoint,

@@ -41,7 +41,7 @@ from imagefs.stores.base import (
     Store,
     Upload,
 )
-from imagefs.write_behind import Budget
+from imagefs.upload_queue import Budget
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,10 @@ class WriterSettings:
     hash_inline_max: int = 64 << 20
     #: Images published without hashes up to this size are hashed in the background.
     hash_background_max: int = 64 << 30
-    #: Bytes every writer of the mount may have queued, written but not yet in the store
-    #: (``cache.max_write_behind``, imagefs.write_behind); 0 writes through.
-    write_behind: int = 16 << 20
-    #: The mount's one budget for them (one WriterSettings per mount).
-    write_budget: Budget = field(default=None, compare=False)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        if self.write_budget is None:
-            object.__setattr__(self, "write_budget", Budget(self.write_behind))
+    #: The bytes every writer of the mount may have queued, written but not yet in the
+    #: store (``cache.max_write_behind``, imagefs.upload_queue): one per mount, as its
+    #: WriterSettings.
+    write_budget: Budget = field(default_factory=lambda: Budget(16 << 20), compare=False)
 
     def long_timeout(self, store: Store, size: int) -> float:
         """Deadline of a call that moves ``size`` bytes at once (publish, server-side copy)."""

@@ -5,7 +5,7 @@ everything written become a size change, so sparse images stay sparse. Hashes ar
 bytes arrive in order; a close hashes at most ``hash_inline_max`` bytes that did not (holes,
 writes out of order), past it the image is published without hashes (hashed later).
 
-Writes are queued (imagefs.write_behind): the store write and the hashing of one write overlap
+Writes are queued (imagefs.upload_queue): the store write and the hashing of one write overlap
 each other and the next write. Everything that must see the written bytes (a read, a truncate,
 fsync, publish) drains the queue first, and a failure in it fails every later call.
 """
@@ -19,7 +19,7 @@ import trio
 from imagefs import bridge
 from imagefs.hashing import ImageHasher
 from imagefs.stores.base import ImageInfo, Store, Upload
-from imagefs.write_behind import WriteBehind
+from imagefs.upload_queue import UploadQueue
 from imagefs.writer import CHUNK, Writer, WriterSettings
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class DirectWriter(Writer):
                  settings: WriterSettings, nursery: trio.Nursery, existed: bool = False) -> None:
         super().__init__(store, name, base, mode, settings, nursery, existed)
         self._upload: Upload | None = None
-        self._behind: WriteBehind | None = None  # the queue of ``_upload``
+        self._queue: UploadQueue | None = None  # the queue of ``_upload``
         self._extent = 0  # end of the furthest byte actually written to the upload
         #: Every byte below ``_hash_end`` went (or is queued to go) through the hasher in
         #: order; ``_hasher.offset`` reaches it once the queue is drained.
@@ -46,7 +46,7 @@ class DirectWriter(Writer):
     async def _upload_now(self) -> Upload:
         if self._upload is None:
             up = self._upload = await self._new_upload()
-            self._behind = WriteBehind(self.store, up.write, self._hash_piece,
+            self._queue = UploadQueue(self.store, up.write, self._hash_piece,
                                        self.settings.write_budget, self.nursery)
         return self._upload
 
@@ -56,9 +56,9 @@ class DirectWriter(Writer):
 
     async def _drained(self) -> None:
         """Every queued write is in the upload (and hashed); else the queue's failure."""
-        if self._behind is not None:
+        if self._queue is not None:
             try:
-                await self._behind.drain()
+                await self._queue.drain()
             except BaseException as e:
                 self._lose(e)  # fsync too: the pending bytes are unknown from here on
                 raise
@@ -77,14 +77,14 @@ class DirectWriter(Writer):
 
     async def _write(self, offset: int, data: bytes) -> None:
         await self._upload_now()
-        assert self._behind is not None
-        self._behind.check()
+        assert self._queue is not None
+        self._queue.check()
         if offset >= self._extent and _all_zero(data):
             return  # a hole: publishing sets the size, nothing is allocated
         in_order = self._hash_ok and offset >= self._hash_end and offset >= self._extent
         if in_order and offset - self._hash_end > self.settings.hash_inline_max:
             in_order = False  # a hole too big to hash here: the image is hashed later
-        await self._behind.submit(offset, data, offset - self._hash_end if in_order else None)
+        await self._queue.submit(offset, data, offset - self._hash_end if in_order else None)
         if in_order:
             self._hash_end = offset + len(data)
         else:
@@ -139,10 +139,10 @@ class DirectWriter(Writer):
         try:
             info = await bridge.call(self.store, finish, timeout=self._long())
         except BaseException:
-            self._upload = self._behind = None
+            self._upload = self._queue = None
             await self._abort_quietly(up)
             raise
-        self._upload = self._behind = None
+        self._upload = self._queue = None
         return info
 
     def _after_publish(self) -> None:
@@ -151,9 +151,9 @@ class DirectWriter(Writer):
         self._extent = self._hash_end = 0
 
     async def _discard(self) -> None:
-        if self._behind is not None:
+        if self._queue is not None:
             with trio.CancelScope(shield=True):
-                await self._behind.settle()  # no queued write may land after the abort
+                await self._queue.settle()  # no queued write may land after the abort
         if self._upload is not None:
             await self._abort_quietly(self._upload)
-        self._upload = self._behind = None
+        self._upload = self._queue = None

@@ -11,6 +11,7 @@ import os
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -18,6 +19,7 @@ import trio
 from imagefs import writer_spool
 from imagefs.hashing import META_VALUE
 from imagefs.stores.base import BackendError, ImageInfo
+from imagefs.upload_queue import Budget
 from imagefs.writer import Writer, WriterSettings, WriterState
 from imagefs.writer_direct import DirectWriter
 from imagefs.writer_spool import SpoolWriter
@@ -28,7 +30,7 @@ MODE = stat.S_IFREG | 0o644
 
 
 def drive(store: MemStore, tmp_path: Path, base: ImageInfo | None,
-          body: Callable[[Writer], Awaitable[None]], **settings: int) -> None:
+          body: Callable[[Writer], Awaitable[None]], **settings: Any) -> None:
     """Run ``body`` on a writer of ``store``'s kind for image "img" starting from ``base``."""
     ws = WriterSettings(spool_dir=tmp_path, hash_algo="sha512", **settings)
     cls = DirectWriter if store.random_write else SpoolWriter
@@ -132,7 +134,7 @@ def test_a_failed_write_loses_the_pending_image_for_good(tmp_path: Path, behind:
         with pytest.raises(BackendError):
             await w.read(0, 10)
 
-    drive(store, tmp_path, None, body, write_behind=behind)
+    drive(store, tmp_path, None, body, write_budget=Budget(behind))
     assert not store.objects
 
 
@@ -167,7 +169,7 @@ def test_queued_writes_stay_within_the_budget_and_publish_in_order(tmp_path: Pat
         await w.publish()
         assert budget.used == 0
 
-    drive(store, tmp_path, None, body, write_behind=20)
+    drive(store, tmp_path, None, body, write_budget=Budget(20))
     img = store.objects["img"]
     assert img.data == b"".join(pieces)
     assert img.meta[META_VALUE] == hashlib.sha512(b"".join(pieces)).hexdigest()
@@ -245,7 +247,7 @@ def test_a_write_failing_after_cancel_leaves_the_writer_cancelled(tmp_path: Path
             await w.write(0, b"b")
         assert await w.publish() is None
 
-    drive(store, tmp_path, None, body, write_behind=behind)
+    drive(store, tmp_path, None, body, write_budget=Budget(behind))
     assert not store.objects
 
 

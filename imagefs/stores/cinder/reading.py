@@ -31,6 +31,7 @@ from imagefs.stores.cinder.api import CinderApi
 from imagefs.stores.cinder.layout import Layout
 from imagefs.stores.cinder.rbdio import RbdAccess
 from imagefs.stores.cinder.volumes import Volumes
+from imagefs.stores.keylocks import KeyLocks
 from imagefs.stores.rbd.cluster import close_image, rbd_error
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class Readers:
         self._stop = stop
         self.lock_wait = lock_wait
         self._handles: dict[str, _ReadHandle] = {}
-        self._attach_locks: dict[str, threading.Lock] = {}
+        self._attach_locks = KeyLocks(lock)
         #: (pool, namespace) of each Cinder backend seen in a connection_info, by the volume's
         #: ``os-vol-host-attr:host`` (or "" when Cinder does not show it): for watcher checks.
         self._pools: dict[str, tuple[str, str]] = {}
@@ -113,11 +114,9 @@ class Readers:
             if h is not None:
                 h.refs += 1
                 return h
-            lock = self._attach_locks.setdefault(vid, threading.Lock())
         deadline = time.monotonic() + self.volumes.wait_budget()
-        if not lock.acquire(timeout=self.lock_wait()):
-            raise BackendError(f"store {self.store_id}: volume {vid}: still being attached")
-        try:
+        with self._attach_locks.holding(vid, self.lock_wait(), lambda: BackendError(
+                f"store {self.store_id}: volume {vid}: still being attached")):
             with self._lock:
                 h = self._handles.get(vid)
                 if h is not None:
@@ -157,11 +156,6 @@ class Readers:
             with self._lock:
                 self._handles[vid] = h
             return h
-        finally:
-            lock.release()
-            with self._lock:
-                if self._attach_locks.get(vid) is lock and not lock.locked():
-                    del self._attach_locks[vid]
 
     def _release(self, h: _ReadHandle, doom: bool = False) -> None:
         with self._lock:

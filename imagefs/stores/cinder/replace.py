@@ -96,12 +96,9 @@ class Replacer:
                 new = api.request("PUT", f"/volumes/{vid}", body={"volume": update},
                                   what=f"publishing {name}")["volume"]
             except StoreError:
-                try:  # a PUT that timed out may still have happened
-                    new = api.volume(vid)
-                except StoreError:
-                    raise
+                new = api.volume(vid)  # a PUT that timed out may still have happened
                 if store.layout.display(new) != name:
-                    raise
+                    raise  # the PUT's error
         except BaseException:
             for v in tagged:
                 self.untag(v["id"])

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from imagefs.stores.base import BackendError, Changed, NotFound
+from imagefs.stores.keylocks import KeyLocks
 from imagefs.stores.ranges import check_reply
 from imagefs.stores.swift.connection import Connections
 from imagefs.stores.swift.layout import Dlo, SegmentMap, etag_of_segments
@@ -45,7 +46,7 @@ class Reader:
         #: (name, version) -> (map or None, monotonic time it was built)
         self.segment_maps: dict[tuple[str, str], tuple[SegmentMap | None, float]] = {}
         #: one lock per (name, version) being mapped: unrelated images never wait for each other
-        self._map_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._map_locks = KeyLocks(self._lock)
 
     @property
     def _id(self) -> str:
@@ -85,12 +86,9 @@ class Reader:
             return hit[0]
         # One thread builds it while the prefetchers of the same image wait: on RGW a HEAD of an
         # SLO reads its segments' heads (0.2 s for 256 MiB), eight at once took 1.7 s each.
-        with self._lock:
-            lock = self._map_locks.setdefault(key, threading.Lock())
-        if not lock.acquire(timeout=self.client.timeout):
-            raise BackendError(f"store {self._id}: {name}: segment map busy for "
-                               f"{self.client.timeout:g}s")
-        try:
+        timeout = self.client.timeout
+        with self._map_locks.holding(key, timeout, lambda: BackendError(
+                f"store {self._id}: {name}: segment map busy for {timeout:g}s")):
             hit = self._cached_map(key)
             if hit is not None:
                 return hit[0]
@@ -112,11 +110,6 @@ class Reader:
                 retry = seen[2] is not None or seen[3] is not None
                 self.segment_maps[key] = (smap, time.monotonic() if retry else float("inf"))
             return smap
-        finally:
-            lock.release()
-            with self._lock:
-                if self._map_locks.get(key) is lock and not lock.locked():
-                    del self._map_locks[key]
 
     def _cached_map(self, key: tuple[str, str]) -> tuple[SegmentMap | None] | None:
         with self._lock:

@@ -67,7 +67,7 @@ class _Item:
     freed: bool = False
 
 
-class WriteBehind:
+class UploadQueue:
     """The queue of one upload. ``write(offset, data)`` and ``hash(gap, data)`` are blocking
     calls run in threads: the first under the store's deadline, the second locally."""
 
