@@ -4,7 +4,7 @@ The cache knows neither stores nor FUSE: keys are tuples that callers make uniqu
 the image version, so a replaced image is never served from stale blocks) and values are bytes.
 
 Memory is bounded by ``memory_size`` (an LRU weighted by length). Disk is bounded by
-``disk_size``; each slot carries its key and a CRC32 of its data, so a torn, stale or corrupted
+``disk_size``; each slot carries its key and a checksum of its data, so a torn, stale or corrupted
 slot is detected, freed and treated as a miss, never served. ``DiskCache`` says why slots and
 not one file per block.
 
@@ -28,15 +28,30 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable
 from pathlib import Path
 
+import xxhash
+
 log = logging.getLogger(__name__)
 
 _PAGE = 4096
-_SUPER_MAGIC = b"IMGFSSL1"
+_SUPER_MAGIC = b"IMGFSSL2"  # 1: data checksums were CRC32
 _SUPER = struct.Struct("<8sQ16sI")  # magic, data capacity of a slot, slab id, crc32
-_SLOT_MAGIC = b"IMGFSSB1"
-# magic, slab id, put sequence, len(key), len(data), crc32(key + data), crc32(header + key)
-_SLOT = struct.Struct("<8s16sQIIII")
+_SLOT_MAGIC = b"IMGFSSB2"
+# magic, slab id, put sequence, len(key), len(data), _data_sum(key, data), crc32(header + key)
+_SLOT = struct.Struct("<8s16sQIIQI")
 _KEY_MAX = _PAGE - _SLOT.size  # header and key share a slot's first page; data follows it
+
+
+def _data_sum(kb: bytes, data: bytes | memoryview) -> int:
+    """The checksum of a slot's data, bound to its key.
+
+    Why XXH3 and not CRC32 (the first layout's): every block stored and every block read back
+    is summed whole, beside the read path of every cold and warm read, on the cores the reads
+    need. zlib.crc32 sums 2.4 GB/s here (0.42 ms of CPU per 1 MiB block), XXH3-64 45 GB/s;
+    the switch moved 256 MiB warm re-reads from 715-772 to 849-850 MB/s and cold RBD reads
+    from 627 to 761 (medians of 3 alternating mounts). It detects torn, stale and corrupt
+    slots as well; neither is meant to resist forgery (the cache directory is root's, 0700).
+    """
+    return xxhash.xxh3_64_intdigest(data, seed=zlib.crc32(kb))
 
 
 class MemoryCache:
@@ -98,8 +113,9 @@ class DiskCache:
     else the first block's size rounded up to a power of two; a larger block starts the slab
     afresh (blocks are at most ``cache.block_size``, so at most once per mount), unless
     ``block_size`` was given, then it is not stored. Every get checks the slot's magic, slab
-    id, key, put sequence and a CRC32 of key and data: a torn, stale or corrupt slot, or one
-    reassigned to another key while it was being read, is a miss (and freed), never served.
+    id, key, put sequence and a checksum of key and data (``_data_sum``): a torn, stale or
+    corrupt slot, or one reassigned to another key while it was being read, is a miss (and
+    freed), never served.
     A restart reads the slot headers back (slots are only trusted under the superblock's slab
     id, so bytes of an older layout never pass for a header). The file never grows beyond
     ``max_bytes``; block files of the old one-file-per-block layout are removed.
@@ -243,7 +259,7 @@ class DiskCache:
             return None
         data = memoryview(raw)[_PAGE:]  # a view: no copy of the block
         if (self._header(raw[:_PAGE], cap, slab_id) != (kb, seq, n) or len(data) != n
-                or zlib.crc32(data, zlib.crc32(kb)) != _SLOT.unpack_from(raw)[5]):
+                or _data_sum(kb, data) != _SLOT.unpack_from(raw)[5]):
             # Still listed under the same put: really corrupt. Otherwise the slot was reused
             # for another block while it was read, and this one is simply gone.
             if self._drop(kb, e, gen):
@@ -286,7 +302,7 @@ class DiskCache:
         if n <= cap:  # (always, unless the slab was started afresh meanwhile)
             head = bytearray(_PAGE)
             _SLOT.pack_into(head, 0, _SLOT_MAGIC, slab_id, seq, len(kb), n,
-                            zlib.crc32(data, zlib.crc32(kb)), 0)
+                            _data_sum(kb, data), 0)
             head[_SLOT.size:_SLOT.size + len(kb)] = kb
             struct.pack_into("<I", head, _SLOT.size - 4,
                              zlib.crc32(kb, zlib.crc32(head[:_SLOT.size - 4])))

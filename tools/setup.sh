@@ -60,7 +60,7 @@ for so in /usr/lib/python3/dist-packages/rados.cpython-*.so /usr/lib/python3/dis
   if [ -e "$so" ]; then ln -sfn "$so" .venv/debian-bindings/; fi
 done
 echo "$PWD/.venv/debian-bindings" > "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/debian-bindings.pth"
-if ! .venv/bin/python -c 'import imagefs, pyfuse3, trio, boto3, swiftclient, prometheus_client, pytest' 2>/dev/null; then
+if ! .venv/bin/python -c 'import imagefs, pyfuse3, trio, boto3, swiftclient, prometheus_client, xxhash, pytest' 2>/dev/null; then
   echo "== pip install"
   quiet .venv/bin/pip install -q --upgrade pip
   quiet .venv/bin/pip install -q -e '.[test]'

@@ -208,14 +208,14 @@ def test_bytes_from_before_a_reset_never_pass_for_a_slot(tmp_path: Path) -> None
     hostile one). Under the 8 KiB layout it sits inside slot 3's data; under the 16 KiB one
     it would start slot 2. Even if the old bytes came back after the slab was started afresh
     (a crash), the new slab id refuses it."""
-    from imagefs.cache import _PAGE, _SLOT, _SLOT_MAGIC
+    from imagefs.cache import _PAGE, _SLOT, _SLOT_MAGIC, _data_sum
 
     a = DiskCache(tmp_path, 1 << 20, block_size=8 * KiB)
     old_id = _slab(a).read_bytes()[16:32]
     kb, forged_data = b"'victim'", b"forged" * 10
     head = bytearray(_PAGE)
     _SLOT.pack_into(head, 0, _SLOT_MAGIC, old_id, 1, len(kb), len(forged_data),
-                    zlib.crc32(forged_data, zlib.crc32(kb)), 0)
+                    _data_sum(kb, forged_data), 0)
     head[_SLOT.size:_SLOT.size + len(kb)] = kb
     struct.pack_into("<I", head, _SLOT.size - 4, zlib.crc32(kb, zlib.crc32(head[:_SLOT.size - 4])))
     for i in range(3):
