@@ -25,7 +25,7 @@ import time
 import weakref
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from pathlib import Path
 
 import xxhash
@@ -240,15 +240,28 @@ class DiskCache:
         return self.max_bytes > 0 and self._keybytes(key) in self._index
 
     def get(self, key: Hashable) -> bytes | None:
+        return next(self.get_run([key]))
+
+    def get_run(self, keys: list[Hashable]) -> Iterator[bytes | None]:
+        """The blocks of ``keys``, read one after the other in this order (None for each
+        miss): a sequential reader's blocks come back in the order it needs them."""
         if self.max_bytes <= 0:
-            return None
-        kb = self._keybytes(key)
-        with self._lock:
-            e = self._index.get(kb)
-            if e is None:
-                return None
-            self._index.move_to_end(kb)
-            gen, cap, slab_id = self._gen, self._cap, self._slab_id
+            yield from (None for _ in keys)
+            return
+        for key in keys:
+            kb = self._keybytes(key)
+            with self._lock:
+                e = self._index.get(kb)
+                if e is None:
+                    yield None
+                    continue
+                self._index.move_to_end(kb)
+                gen, cap, slab_id = self._gen, self._cap, self._slab_id
+            yield self._read_slot(kb, e, gen, cap, slab_id)
+
+    def _read_slot(self, kb: bytes, e: tuple[int, int, int], gen: int, cap: int,
+                   slab_id: bytes) -> bytes | None:
+        """The data of slot ``e``, or None if that is not the block the index lists there."""
         slot, n, seq = e
         try:
             raw = os.pread(self._fd, _PAGE + n, _PAGE + slot * (_PAGE + cap))
@@ -444,6 +457,12 @@ class BlockCache:
 
     def get_disk(self, key: Hashable) -> bytes | None:
         return self.disk.get(key) if self.disk else None
+
+    def get_disk_run(self, keys: list[Hashable]) -> Iterator[bytes | None]:
+        """``DiskCache.get_run``: the blocks of ``keys`` in order, None for each miss."""
+        if self.disk is None:
+            return iter([None] * len(keys))
+        return self.disk.get_run(keys)
 
     def put_disk_later(self, key: Hashable, data: bytes) -> bool:
         """Queue ``data`` for the disk cache without waiting; False if it will not be stored."""

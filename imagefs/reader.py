@@ -188,22 +188,29 @@ class BlockSource:
         count = min(count, self.max_tokens)
         if self.tokens < count:
             return 0
-        run: _Run | None = None
+        run: _Run | None = None  # blocks to fetch
+        disk: _Run | None = None  # blocks to read back from the disk cache, in order
         for i in range(start, start + count):
             key = self.key(store, info, i)
             if key in self._pending or self.cache.get_memory(key) is not None:
                 self._start(store, info, run)
-                run = None
+                self._start_disk(store, info, disk)
+                run = disk = None
                 continue
             if self.cache.on_disk(key):
                 self._start(store, info, run)
                 run = None
-                self._load_from_disk(store, info, i, key, prefetch=True)
+                if disk is None:
+                    disk = _Run(start=i)
+                self._register(disk, key, prefetch=True)
                 continue
+            self._start_disk(store, info, disk)
+            disk = None
             if run is None:
                 run = _Run(start=i)
             self._register(run, key, prefetch=True)
         self._start(store, info, run)
+        self._start_disk(store, info, disk)
         return count
 
     def _extend(self, store: Store, info: ImageInfo, run: _Run, start: int, count: int
@@ -291,29 +298,54 @@ class BlockSource:
 
     def _load_from_disk(self, store: Store, info: ImageInfo, index: int, key: Hashable,
                         prefetch: bool) -> _Pending:
-        p = self._pending[key] = _Pending(prefetch)
-        if prefetch:
-            self.tokens -= 1
-        self.nursery.start_soon(self._disk_or_store, store, info, index, key, p)
+        run = _Run(start=index)
+        p = self._register(run, key, prefetch)
+        self._start_disk(store, info, run)
         return p
 
-    async def _disk_or_store(self, store: Store, info: ImageInfo, index: int, key: Hashable,
-                             p: _Pending) -> None:
-        """A block the disk cache should hold; fetched after all if it does not (evicted or
-        corrupt since the index said so)."""
-        want = min(self.block_size, info.size - index * self.block_size)
+    def _start_disk(self, store: Store, info: ImageInfo, run: _Run | None) -> None:
+        """Start reading ``run`` back from the disk cache if it has blocks.
+
+        One task per run, reading its blocks in order: with one task per block, the blocks
+        of a prefetch waited for the disk threads in whatever order trio started the tasks
+        (it may reverse a batch), and a sequential reader stalled at every batch's first
+        block for the rest of the batch (5-12 ms, every 16 blocks, in a traced warm re-read
+        of 256 MiB). In order, warm re-reads went from 622-756 to 719-858 MB/s (medians of 8
+        alternating remounts, S3 and RBD)."""
+        if run is not None and run.keys:
+            self.nursery.start_soon(self._disk_or_store, store, info, run)
+
+    async def _disk_or_store(self, store: Store, info: ImageInfo, run: _Run) -> None:
+        """Blocks the disk cache should hold; those it does not (evicted or corrupt since the
+        index said so) are fetched after all."""
+        bs = self.block_size
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(i: int, data: bytes | None) -> None:
+            want = min(bs, info.size - (run.start + i) * bs)
+            if data is not None and len(data) == want:
+                stats.cache(store.id, "disk", hit=True)
+                self._resolve(run.keys[i], run.pendings[i], data=data, on_disk=True)
+
+        def load() -> None:
+            for i, data in enumerate(self.cache.get_disk_run(run.keys)):
+                token.run_sync_soon(deliver, i, data)
+
         try:
-            data = await bridge.local(self.cache.get_disk, key, limiter=self._disk_readers)
+            await bridge.local(load, limiter=self._disk_readers)
         except Exception as e:  # a disk cache that cannot be read is a miss
             log.warning("disk cache: %s", e)
-            data = None
-        if data is not None and len(data) == want:
-            stats.cache(store.id, "disk", hit=True)
-            self._resolve(key, p, data=data, on_disk=True)
-            return
-        run = _Run(start=index, keys=[key], pendings=[p])
-        self.requests += 1
-        await self._fetch_run(store, info, run)
+        except BaseException:
+            for key, p in zip(run.keys, run.pendings, strict=True):
+                self._resolve(key, p, error=BackendError(
+                    f"store {store.id}: {info.name}: read cancelled"))
+            raise
+        # The thread's deliveries were queued before its completion: all ran by now.
+        for i, (key, p) in enumerate(zip(run.keys, run.pendings, strict=True)):
+            if not p.done.is_set():
+                self.requests += 1
+                self.nursery.start_soon(self._fetch_run, store, info,
+                                        _Run(start=run.start + i, keys=[key], pendings=[p]))
 
 
 class Reader:

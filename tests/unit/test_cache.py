@@ -299,3 +299,46 @@ def test_hasher_matches_hashlib() -> None:
     assert h.meta() == {"os_hash_algo": "sha512",
                         "os_hash_value": hashlib.sha512(data).hexdigest(),
                         "checksum": hashlib.md5(data).hexdigest()}
+
+
+def test_a_run_is_read_in_order_and_each_block_is_checked(tmp_path: Path,
+                                                          monkeypatch: Any) -> None:
+    """get_run reads its blocks one after the other in the order asked (a sequential reader
+    needs the first first), checks every block on its own (a corrupt one in the middle is a
+    miss and dropped; its neighbours are served) and answers a key it does not hold with
+    None, in its place."""
+    d = DiskCache(tmp_path, 4096 + 16 * SLOT, block_size=16 * KiB)
+    value = {k: bytes([65 + k]) * (16 * KiB if k != 6 else 100) for k in range(10)}
+    for k in range(10):
+        d.put(k, value[k])
+    with open(_slab(d), "r+b") as fh:  # corrupt block 2's data
+        fh.seek(4096 + 2 * SLOT + 4096 + 10)
+        fh.write(b"!")
+    real_pread = os.pread
+    offsets: list[int] = []
+
+    def pread(fd: int, n: int, off: int) -> bytes:
+        offsets.append(off)
+        return real_pread(fd, n, off)
+
+    monkeypatch.setattr(os, "pread", pread)
+    keys = [9, 0, 1, 2, 3, 4, 5, 6, 7, "absent", 8]
+    got = list(d.get_run(keys))
+    assert [None if g is None else bytes(g) for g in got] == [
+        value[9], value[0], value[1], None, value[3], value[4], value[5], value[6], value[7],
+        None, value[8]]
+    assert offsets == [4096 + k * SLOT for k in (9, 0, 1, 2, 3, 4, 5, 6, 7, 8)]
+    assert not d.contains(2) and d.contains(3)
+
+
+def test_a_run_past_the_end_of_a_truncated_slab_is_a_miss(tmp_path: Path) -> None:
+    """The slab lost its tail (a crash, a full disk): the blocks it held are misses, dropped,
+    and the ones still whole are served."""
+    d = DiskCache(tmp_path, 4096 + 8 * SLOT, block_size=16 * KiB)
+    for k in range(4):
+        d.put(k, bytes([k]) * (16 * KiB))
+    os.truncate(_slab(d), 4096 + 2 * SLOT + 4096 + 100)  # block 2 cut short, 3 gone
+    got = list(d.get_run([0, 1, 2, 3]))
+    assert [None if g is None else bytes(g) for g in got] == [
+        bytes([0]) * (16 * KiB), bytes([1]) * (16 * KiB), None, None]
+    assert d.contains(0) and not d.contains(2) and not d.contains(3)
