@@ -340,12 +340,19 @@ class BlockSource:
                 self._resolve(key, p, error=BackendError(
                     f"store {store.id}: {info.name}: read cancelled"))
             raise
-        # The thread's deliveries were queued before its completion: all ran by now.
+        # The thread's deliveries were queued before its completion: all ran by now. What
+        # the cache did not have is fetched, consecutive blocks in one request.
+        fetch: _Run | None = None
         for i, (key, p) in enumerate(zip(run.keys, run.pendings, strict=True)):
+            if p.done.is_set() or (fetch is not None and len(fetch.keys) >= self.max_run):
+                self._start(store, info, fetch)
+                fetch = None
             if not p.done.is_set():
-                self.requests += 1
-                self.nursery.start_soon(self._fetch_run, store, info,
-                                        _Run(start=run.start + i, keys=[key], pendings=[p]))
+                if fetch is None:
+                    fetch = _Run(start=run.start + i)
+                fetch.keys.append(key)
+                fetch.pendings.append(p)
+        self._start(store, info, fetch)
 
 
 class Reader:

@@ -272,6 +272,35 @@ def test_a_warm_read_reads_the_disk_cache_back_in_order_and_fetches_what_it_lost
     assert read == sorted(set(read)) and len(read) == -(-len(data) // MiB)
 
 
+def test_blocks_the_disk_cache_lost_are_fetched_together(tmp_path: Any) -> None:
+    """The slab lost its contents behind the index's back (truncated): every block of a
+    warm read is fetched again, right, and a prefetch run's blocks in one request, not one
+    request each."""
+    from imagefs.cache import DiskCache
+
+    store = Recorder()
+    data = os.urandom(32 * MiB)
+    info = store.put("img", data, {})
+
+    async def read_all(disk: DiskCache) -> None:
+        cache = BlockCache(MemoryCache(16 * MiB), disk)
+        async with trio.open_nursery() as n:
+            r = Reader(BlockSource(cache, MiB, 32 * MiB, n), store, info, 32 * MiB)
+            for off in range(0, len(data), 4 * MiB):
+                assert bytes(await r.read(off, 4 * MiB)) == data[off:off + 4 * MiB]
+            n.cancel_scope.cancel()
+        await trio.to_thread.run_sync(cache.close)
+
+    trio.run(read_all, DiskCache(tmp_path / "blocks", 1 << 30))
+    cold = len(store.requests)
+    disk = DiskCache(tmp_path / "blocks", 1 << 30)
+    assert disk.contains((store.id, "img", info.version, MiB, 31))
+    os.truncate(tmp_path / "blocks" / "slab", 4096)
+    trio.run(read_all, disk)
+    again = len(store.requests) - cold
+    assert 0 < again <= 2 * cold, f"{again} requests to fetch again what {cold} fetched"
+
+
 def test_write_behind_drops_instead_of_waiting_when_its_queue_is_full(tmp_path: Any) -> None:
     """A full queue never makes the caller wait: the block is not stored, and counted."""
     import threading
