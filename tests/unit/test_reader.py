@@ -226,6 +226,21 @@ def test_a_cold_read_lands_in_the_disk_cache_and_a_warm_one_rewrites_nothing(tmp
     assert puts == [], "blocks read from the disk cache were written to it again"
 
 
+def _read_in_4mib_reads(store: Recorder, info: Any, data: bytes, disk: Any) -> None:
+    """Read the image whole in 4 MiB reads (what ``dd bs=4M`` sends) through a 16 MiB memory
+    cache over ``disk``, checking every byte; the disk cache's writes finished after."""
+    async def main() -> None:
+        cache = BlockCache(MemoryCache(16 * MiB), disk)
+        async with trio.open_nursery() as n:
+            r = Reader(BlockSource(cache, MiB, 32 * MiB, n), store, info, 32 * MiB)
+            for off in range(0, len(data), 4 * MiB):
+                assert bytes(await r.read(off, 4 * MiB)) == data[off:off + 4 * MiB]
+            n.cancel_scope.cancel()
+        await trio.to_thread.run_sync(cache.close)
+
+    trio.run(main)
+
+
 def test_a_warm_read_reads_the_disk_cache_back_in_order_and_fetches_what_it_lost(
         tmp_path: Any) -> None:
     """A sequential re-read served from the disk cache reads each prefetch's blocks back in
@@ -245,25 +260,13 @@ def test_a_warm_read_reads_the_disk_cache_back_in_order_and_fetches_what_it_lost
             runs.append([k[-1] for k in keys])
             return super().get_run(keys)
 
-    def read_all(disk: DiskCache) -> None:
-        async def main() -> None:
-            cache = BlockCache(MemoryCache(16 * MiB), disk)
-            async with trio.open_nursery() as n:
-                r = Reader(BlockSource(cache, MiB, 32 * MiB, n), store, info, 32 * MiB)
-                for off in range(0, len(data), 4 * MiB):
-                    assert bytes(await r.read(off, 4 * MiB)) == data[off:off + 4 * MiB]
-                n.cancel_scope.cancel()
-            await trio.to_thread.run_sync(cache.close)
-
-        trio.run(main)
-
-    read_all(DiskCache(tmp_path / "blocks", 1 << 30))
+    _read_in_4mib_reads(store, info, data, DiskCache(tmp_path / "blocks", 1 << 30))
     cold = len(store.requests)
     slab = tmp_path / "blocks" / "slab"
     with open(slab, "r+b") as fh:  # corrupt the data of the block in slot 20
         fh.seek(4096 + 20 * (4096 + MiB) + 4096 + 99)
         fh.write(b"!" if fh.read(1) != b"!" else b"?")
-    read_all(OrderedDisk(tmp_path / "blocks", 1 << 30))
+    _read_in_4mib_reads(store, info, data, OrderedDisk(tmp_path / "blocks", 1 << 30))
     assert len(store.requests) == cold + 1, "only the corrupt block goes to the store"
     assert any(len(run) > 1 for run in runs), "prefetch read no run back from disk"
     for run in runs:
@@ -282,21 +285,12 @@ def test_blocks_the_disk_cache_lost_are_fetched_together(tmp_path: Any) -> None:
     data = os.urandom(32 * MiB)
     info = store.put("img", data, {})
 
-    async def read_all(disk: DiskCache) -> None:
-        cache = BlockCache(MemoryCache(16 * MiB), disk)
-        async with trio.open_nursery() as n:
-            r = Reader(BlockSource(cache, MiB, 32 * MiB, n), store, info, 32 * MiB)
-            for off in range(0, len(data), 4 * MiB):
-                assert bytes(await r.read(off, 4 * MiB)) == data[off:off + 4 * MiB]
-            n.cancel_scope.cancel()
-        await trio.to_thread.run_sync(cache.close)
-
-    trio.run(read_all, DiskCache(tmp_path / "blocks", 1 << 30))
+    _read_in_4mib_reads(store, info, data, DiskCache(tmp_path / "blocks", 1 << 30))
     cold = len(store.requests)
     disk = DiskCache(tmp_path / "blocks", 1 << 30)
     assert disk.contains((store.id, "img", info.version, MiB, 31))
     os.truncate(tmp_path / "blocks" / "slab", 4096)
-    trio.run(read_all, disk)
+    _read_in_4mib_reads(store, info, data, disk)
     again = len(store.requests) - cold
     assert 0 < again <= 2 * cold, f"{again} requests to fetch again what {cold} fetched"
 
