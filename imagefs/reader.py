@@ -310,7 +310,7 @@ class BlockSource:
         of a prefetch waited for the disk threads in whatever order trio started the tasks
         (it may reverse a batch), and a sequential reader stalled at every batch's first
         block for the rest of the batch (5-12 ms, every 16 blocks, in a traced warm re-read
-        of 256 MiB). In order, warm re-reads went from 622-756 to 719-858 MB/s (medians of 8
+        of 256 MiB). In order, warm re-reads went from 622-756 to 712-858 MB/s (medians of 8
         alternating remounts, S3 and RBD)."""
         if run is not None and run.keys:
             self.nursery.start_soon(self._disk_or_store, store, info, run)
