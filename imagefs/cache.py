@@ -455,9 +455,6 @@ class BlockCache:
     def on_disk(self, key: Hashable) -> bool:
         return self.disk is not None and self.disk.contains(key)
 
-    def get_disk(self, key: Hashable) -> bytes | None:
-        return self.disk.get(key) if self.disk else None
-
     def get_disk_run(self, keys: list[Hashable]) -> Iterator[bytes | None]:
         """``DiskCache.get_run``: the blocks of ``keys`` in order, None for each miss."""
         if self.disk is None:
