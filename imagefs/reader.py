@@ -344,14 +344,15 @@ class BlockSource:
         # the cache did not have is fetched, consecutive blocks in one request.
         fetch: _Run | None = None
         for i, (key, p) in enumerate(zip(run.keys, run.pendings, strict=True)):
-            if p.done.is_set() or (fetch is not None and len(fetch.keys) >= self.max_run):
+            if p.done.is_set():
                 self._start(store, info, fetch)
                 fetch = None
-            if not p.done.is_set():
-                if fetch is None:
-                    fetch = _Run(start=run.start + i)
-                fetch.keys.append(key)
-                fetch.pendings.append(p)
+                continue
+            if fetch is None or len(fetch.keys) >= self.max_run:
+                self._start(store, info, fetch)
+                fetch = _Run(start=run.start + i)
+            fetch.keys.append(key)
+            fetch.pendings.append(p)
         self._start(store, info, fetch)
 
 
