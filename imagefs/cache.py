@@ -418,9 +418,8 @@ class WriteBehind:
                 self.disk.put(key, data)
             except Exception as e:  # a block not cached is only a later miss
                 log.warning("disk cache: block not stored: %s", e)
-            with self._cond:
+            with self._cond:  # nobody waits for the queue to shrink: no notify
                 self._queued -= len(data)
-                self._cond.notify_all()
 
     def close(self, timeout: float) -> bool:
         """Store what is queued within ``timeout`` seconds (unmount); True if all was."""

@@ -84,7 +84,8 @@ class Reader:
                         rv = comp.get_return_value()
                         got[i] = data if rv >= 0 else OSError(-rv, os.strerror(-rv))
                         left[0] -= 1
-                        cond.notify_all()
+                        if not left[0]:  # the reader waits for all: wake it once
+                            cond.notify_all()
                 return done
 
             try:
