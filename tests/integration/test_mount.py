@@ -357,6 +357,21 @@ def test_full_store_gives_enospc_and_publishes_nothing(mount_factory: Any, tmp_p
         subprocess.run(["umount", "-l", str(d)], check=False)
 
 
+def _where_stuck(pid: int) -> str:
+    """The kernel's view of a process that does not go away: state, wait channel, stack."""
+    out = []
+    for name in ("wchan", "stack", "status"):
+        try:
+            text = Path(f"/proc/{pid}/{name}").read_text()
+        except OSError as e:
+            text = str(e)
+        if name == "status":
+            text = "".join(ln for ln in text.splitlines(True) if ln.startswith(("State", "Sig")))
+        out.append(f"{name}: {text.strip()}")
+    os.kill(pid, signal.SIGKILL)
+    return "\n".join(out)
+
+
 @pytest.mark.parametrize(("tool_", "sig"), [("dd", signal.SIGKILL), ("dd", signal.SIGTERM),
                                             ("cp", signal.SIGINT)], ids=["dd-KILL", "dd-TERM",
                                                                          "cp-INT"])
@@ -380,7 +395,13 @@ def test_writer_killed_mid_copy_publishes_nothing(mount_factory: Any, tmp_path: 
             time.sleep(0.01)
         time.sleep(0.3)
         p.send_signal(sig)
-        assert p.wait(30) == -sig
+        try:
+            assert p.wait(30) == -sig
+        except subprocess.TimeoutExpired:
+            # Seen once in CI (cp-INT, 2026-12-02) and not again in 300 kills here: say where
+            # the writer is stuck, so the next occurrence can be told apart.
+            pytest.fail(f"{tool_} still running 30 s after signal {sig.name}:\n"
+                        f"{_where_stuck(p.pid)}")
     assert sorted(os.listdir(m.path("s"))) == ["old.raw"]
     assert m.path("s", "old.raw").read_bytes() == b"o" * 5000
     deadline = time.monotonic() + 10
