@@ -33,6 +33,15 @@ def _slab(d: DiskCache) -> Path:
     return d.root / "slab"
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    """Corrupt one byte of a file in place (it can never stay what it was)."""
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)[0]
+        fh.seek(offset)
+        fh.write(bytes([byte ^ 0xFF]))
+
+
 def test_a_demoted_block_is_evicted_first_and_a_read_keeps_it() -> None:
     m = MemoryCache(3 * 10)
     for k in "abc":
@@ -102,11 +111,7 @@ def test_disk_cache_detects_corruption(tmp_path: Path) -> None:
     d.put(key, b"a" * 4096)
     d.put("other", b"o" * 4096)
     f = _slab(d)
-    with open(f, "r+b") as fh:
-        fh.seek(4096 + 4096 + 100)  # superblock, header page of slot 0, into its data
-        b = fh.read(1)
-        fh.seek(-1, 1)
-        fh.write(bytes([b[0] ^ 0xFF]))
+    flip_byte(f, 4096 + 4096 + 100)  # superblock, header page of slot 0, into its data
     assert d.contains(key)
     assert d.get(key) is None
     assert not d.contains(key) and d.used == SLOT, "the corrupt slot was not freed"

@@ -17,6 +17,7 @@ import trio
 from imagefs.cache import BlockCache, MemoryCache
 from imagefs.reader import BlockSource, Reader, exact_chunks
 from tests.memstore import MemStore
+from tests.unit.test_cache import flip_byte
 
 MiB = 1 << 20
 
@@ -263,12 +264,7 @@ def test_a_warm_read_reads_the_disk_cache_back_in_order_and_fetches_what_it_lost
     _read_in_4mib_reads(store, info, data, DiskCache(tmp_path / "blocks", 1 << 30))
     cold = len(store.requests)
     slab = tmp_path / "blocks" / "slab"
-    at = 4096 + 20 * (4096 + MiB) + 4096 + 99  # a byte of the data of the block in slot 20
-    with open(slab, "r+b") as fh:
-        fh.seek(at)
-        byte = fh.read(1)[0]
-        fh.seek(at)  # (the read moved on: a write now would land on the next byte)
-        fh.write(bytes([byte ^ 0xFF]))
+    flip_byte(slab, 4096 + 20 * (4096 + MiB) + 4096 + 99)  # in the data of slot 20's block
     _read_in_4mib_reads(store, info, data, OrderedDisk(tmp_path / "blocks", 1 << 30))
     assert len(store.requests) == cold + 1, "only the corrupt block goes to the store"
     assert any(len(run) > 1 for run in runs), "prefetch read no run back from disk"
