@@ -31,10 +31,7 @@ log = logging.getLogger(__name__)
 
 def _send_from_spool(fd: int, up: Upload, hasher: ImageHasher, offset: int, n: int) -> None:
     """Upload ``n`` spool bytes at ``offset`` (holes read as zeros) and hash them, in a thread."""
-    data = os.pread(fd, n, offset)
-    data += bytes(n - len(data))
-    up.write(offset, data)
-    hasher.update(data)
+    up.write_from(fd, offset, n, hasher.update)
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

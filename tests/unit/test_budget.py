@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -48,4 +49,75 @@ def test_a_request_larger_than_the_budget_is_granted_alone() -> None:
     with pytest.raises(BackendError):
         b.take(1, timeout=0.05)
     b.give(9)
+    assert b.used == 0
+
+
+def test_buffer_pool_reuses_buffers_within_the_budget_and_frees_them_at_the_last_end() -> None:
+    from imagefs.stores.budget import BufferPool
+
+    b = MemoryBudget(40, "t")
+    pool = BufferPool(b, keep=2)
+    pool.begin()
+    pool.begin()
+    first, second, third = pool.get(10), pool.get(10), pool.get(10)
+    assert first is not None and second is not None and third is not None
+    assert b.used == 30
+    assert pool.get(20) is None, "the budget has 10 left: no 20-byte buffer"
+    pool.put(first, 10)
+    pool.put(second, 10)
+    pool.put(third, 10)  # beyond `keep`: freed at once
+    assert (b.used, pool.kept) == (20, 20)
+    again = pool.get(10)
+    assert again is first or again is second, "a kept buffer was not reused"
+    assert b.used == 20  # already charged: reusing takes nothing more
+    del again[4:]  # a last part cut to its length: freed, not kept
+    pool.put(again, 10)
+    assert (b.used, pool.kept) == (10, 10)
+    pool.end()
+    assert (b.used, pool.kept) == (10, 10), "an upload still runs: buffers stay kept"
+    pool.end()
+    assert (b.used, pool.kept) == (0, 0)
+    late = bytearray(10)
+    b.take(10, timeout=1)
+    pool.put(late, 10)  # a part in flight finishing after the last upload ended
+    assert (b.used, pool.kept) == (0, 0)
+
+
+def test_part_reads_the_spool_straight_into_its_buffer(tmp_path: Any) -> None:
+    """Part.read_from: the bytes of the file, zeros past its end, fed in order; a reused
+    buffer holds nothing of the previous part; the last part is cut to its length."""
+    import hashlib
+    import os
+
+    from imagefs.stores.budget import BufferPool
+    from imagefs.stores.s3.upload import Part
+
+    data = os.urandom(5000)
+    path = tmp_path / "spool"
+    path.write_bytes(data)
+    b = MemoryBudget(1 << 20, "t")
+    pool = BufferPool(b, keep=2)
+    pool.begin()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fed = hashlib.sha256()
+        one = Part(1, 4096, pool)
+        assert one.read_from(fd, 0, 3000, fed.update) == 3000
+        assert one.read_from(fd, 3000, 9000, fed.update) == 1096
+        assert one.full and bytes(one.body()) == data[:4096]
+        one.release()
+        two = Part(2, 4096, pool)  # the same buffer again, still holding part 1's bytes
+        assert two.read_from(fd, 4096, 4000, fed.update) == 4000  # 904 bytes, then zeros
+        body = bytes(two.body())
+        assert body == data[4096:] + bytes(4000 - 904)
+        assert fed.digest() == hashlib.sha256(data + bytes(4000 - 904)).digest()
+        two.release()
+        assert (b.used, pool.kept) == (0, 0), "the cut buffer was kept"
+        with_file = Part(3, 4096, None)  # no room in memory: an unlinked temporary file
+        assert with_file.read_from(fd, 100, 50, lambda _v: None) == 50
+        assert with_file.body().read() == data[100:150]
+        with_file.release()
+    finally:
+        os.close(fd)
+        pool.end()
     assert b.used == 0

@@ -32,7 +32,7 @@ from imagefs.stores.base import (
     meta_mode,
     meta_mtime,
 )
-from imagefs.stores.budget import MemoryBudget
+from imagefs.stores.budget import BufferPool, MemoryBudget
 from imagefs.stores.ranges import check_reply
 from imagefs.stores.s3 import glance, leftovers
 from imagefs.stores.s3.client import connect, map_error
@@ -62,6 +62,8 @@ class S3Store(Store):
         self.upload_memory = o.upload_memory
         #: Shared by every upload of this store: parts that do not fit go to temporary files.
         self.memory = MemoryBudget(self.upload_memory, f"store {self.id}")
+        #: Part buffers reused while uploads run, charged to ``memory``.
+        self.buffers = BufferPool(self.memory, self.upload_concurrency + 1)
         self.copy_threshold = o.multipart_copy_threshold
         #: The longest one request may take with botocore's retries: bounds every wait.
         self.part_deadline = self.timeout * (o.max_attempts + 1)
@@ -230,11 +232,11 @@ class S3Store(Store):
             body.close()
 
     # ------------------------------------------------------------------ uploads
-    def part_budget(self, size: int) -> MemoryBudget | None:
-        """The budget a new part's memory came from, or None: that part goes to a file."""
+    def part_pool(self, size: int) -> BufferPool | None:
+        """Where a new part's memory buffer comes from, or None: that part goes to a file."""
         if size * (self.upload_concurrency + 1) > self.upload_memory:
             return None
-        return self.memory if self.memory.try_take(size) else None
+        return self.buffers
 
     def upload(self, name: str, size_hint: int | None = None) -> Upload:
         self._writable()

@@ -13,21 +13,24 @@ Part sizes start at ``part_size`` (or what a known size needs to fit 9,000 parts
 every 1,000 parts, so any image up to S3's 5 TiB fits in 10,000 parts. Part buffers of all
 uploads of the store together stay within ``upload_memory`` (``budget.py``): a part that does
 not fit in what is left, or that would not fit ``upload_concurrency + 1`` times in the whole
-budget, is buffered in an unlinked temporary file instead of RAM.
+budget, is buffered in an unlinked temporary file instead of RAM. Memory buffers are reused
+from part to part (``BufferPool``) while the store has uploads running, and the writer's spool
+is read straight into them (``write_from``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING
 
 from imagefs.stores.base import BackendError, ImageInfo, NoSpace, Upload
-from imagefs.stores.budget import MemoryBudget
+from imagefs.stores.budget import BufferPool
 from imagefs.stores.owners import new_owner_id
 from imagefs.stores.s3.copy import copy
 from imagefs.stores.s3.layout import MAX_PARTS, UPLOAD_TAG, base_part_size, part_size_for
@@ -47,27 +50,57 @@ log = logging.getLogger(__name__)
 
 
 class Part:
-    """One part's bytes: in memory when small enough, else in an unlinked temporary file."""
+    """One part's bytes: in a pooled memory buffer when there is room, else in an unlinked
+    temporary file."""
 
-    def __init__(self, number: int, size: int, budget: MemoryBudget | None) -> None:
-        """``budget``: where the part's memory was taken from (None: the part goes to a file)."""
+    def __init__(self, number: int, size: int, pool: BufferPool | None) -> None:
+        """``pool``: where the part's memory buffer comes from (None: the part goes to a file)."""
         self.number = number
         self.size = size
         self.length = 0
-        self._budget = budget
-        self._mem: bytearray | None = bytearray() if budget is not None else None
-        self._file: IO[bytes] | None = None if budget is not None else tempfile.TemporaryFile()
+        self._pool = pool
+        self._mem = pool.get(size) if pool is not None else None
+        if self._mem is None:
+            self._pool = None
+        self._file: IO[bytes] | None = tempfile.TemporaryFile() if self._mem is None else None
 
     def add(self, data: memoryview) -> int:
         """Append what fits; returns how many bytes were taken."""
         take = data[: self.size - self.length]
         if self._mem is not None:
-            self._mem += take
+            self._mem[self.length:self.length + len(take)] = take
         else:
             assert self._file is not None
             self._file.write(take)
         self.length += len(take)
         return len(take)
+
+    def read_from(self, fd: int, offset: int, length: int,
+                  feed: Callable[[memoryview], None]) -> int:
+        """Append up to ``length`` bytes of file ``fd`` from ``offset`` (zeros past its end),
+        read straight into the buffer, and ``feed`` them; returns how many were taken."""
+        take = min(length, self.size - self.length)
+        if self._mem is None:
+            data = os.pread(fd, take, offset)
+            data += bytes(take - len(data))
+            assert self._file is not None
+            self._file.write(data)
+            feed(memoryview(data))
+        else:
+            view = memoryview(self._mem)[self.length:self.length + take]
+            try:
+                got = 0
+                while got < take:
+                    n = os.preadv(fd, [view[got:]], offset + got)
+                    if n == 0:  # past the end of the file: a size set by truncate
+                        view[got:] = bytes(take - got)
+                        break
+                    got += n
+                feed(view)
+            finally:
+                view.release()  # the last part's buffer is cut to its length before it is sent
+        self.length += take
+        return take
 
     @property
     def full(self) -> bool:
@@ -75,15 +108,17 @@ class Part:
 
     def body(self) -> bytearray | IO[bytes]:
         if self._mem is not None:
+            if len(self._mem) > self.length:  # the last part: botocore sends the whole buffer
+                del self._mem[self.length:]
             return self._mem  # botocore takes a bytearray as it is: no second copy of the part
         assert self._file is not None
         self._file.seek(0)
         return self._file
 
     def release(self) -> None:
-        if self._budget is not None:
-            self._budget.give(self.size)
-            self._budget = None
+        if self._pool is not None and self._mem is not None:
+            self._pool.put(self._mem, self.size)
+        self._pool = None
         self._mem = None
         if self._file is not None:
             self._file.close()
@@ -118,6 +153,16 @@ class S3Upload(Upload):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._mutex = threading.Lock()
+        self._ended = False
+        store.buffers.begin()
+
+    def _end(self) -> None:
+        """Once: the store's kept part buffers are freed when its last upload ends."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+        self.store.buffers.end()
 
     def _what(self) -> str:
         return f"{self.store.id}/{self.name}"
@@ -134,7 +179,7 @@ class S3Upload(Upload):
         if number > MAX_PARTS:
             raise NoSpace(f"{self._what()}: image exceeds {MAX_PARTS} parts")
         size = part_size_for(self.base_part, number)
-        return Part(number, size, self.store.part_budget(size))
+        return Part(number, size, self.store.part_pool(size))
 
     def write(self, offset: int, data: bytes) -> None:
         with self._mutex:
@@ -152,6 +197,24 @@ class S3Upload(Upload):
                     part, self.part = self.part, None
                     self._send(part)
             self.pos += len(data)
+
+    def write_from(self, fd: int, offset: int, length: int,
+                   feed: Callable[[memoryview], None]) -> None:
+        """As ``write``, with the bytes read from ``fd`` straight into the part buffers."""
+        with self._mutex:
+            self._alive()
+            if offset != self.pos:
+                raise BackendError(f"{self._what()}: S3 uploads take writes in order "
+                                   f"(got offset {offset}, expected {self.pos})")
+            end = offset + length
+            while self.pos < end:
+                self._alive()
+                if self.part is None:
+                    self.part = self._new_part()
+                self.pos += self.part.read_from(fd, self.pos, end - self.pos, feed)
+                if self.part.full:
+                    part, self.part = self.part, None
+                    self._send(part)
 
     def _send(self, part: Part) -> None:
         """Hand a full part to the pool; blocks while ``upload_concurrency`` parts are in flight.
@@ -226,6 +289,7 @@ class S3Upload(Upload):
                 raise
             self._close_pool()
             self.finished = True
+            self._end()
             return info
 
     def _abort_in_background(self) -> None:
@@ -242,6 +306,8 @@ class S3Upload(Upload):
                 except Exception as e:
                     log.warning("%s: abort after a failed commit: %s (removed at the next "
                                 "mount)", self._what(), e)
+                finally:
+                    self._end()
 
         threading.Thread(target=clean_up, name=f"s3-abort-{self.store.id}",
                          daemon=True).start()
@@ -270,12 +336,10 @@ class S3Upload(Upload):
         if self.part is not None:
             self.part.release()
             self.part = None
-        if self.part is not None:
-            self.part.release()
-            self.part = None
         concurrent.futures.wait(self.pending, timeout=self.store.part_deadline)
         self.pending = []
         self._close_pool()
+        self._end()
         if self.upload_id is not None:
             abort_multipart(self.store, self.hidden, self.upload_id)
             self.upload_id = None
