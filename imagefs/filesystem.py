@@ -106,9 +106,14 @@ class FileSystem:
         self.source = self._source_factory(nursery)
         ws = self.settings.writer
         hasher = BackgroundHasher(ws.hash_algo, ws.hash_background_max, ws.long_timeout,
-                                  self._hashed)
+                                  self._hashed, self._changing)
         self.publisher.background_hash = hasher
         nursery.start_soon(hasher.run)
+
+    def _changing(self, store_id: str, name: str) -> bool:
+        """A writer holds changes to this image that are not published yet."""
+        node = self.inodes.find(store_id, name)
+        return node is not None and node.writer is not None and node.writer.dirty
 
     def _hashed(self, store: Store, info: ImageInfo) -> None:
         """The background hasher stored an image's hashes: show them."""

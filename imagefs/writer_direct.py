@@ -2,8 +2,9 @@
 
 For stores with ``Capability.RANDOM_WRITE`` (file, rbd, cinder). All-zero writes past
 everything written become a size change, so sparse images stay sparse. Hashes are computed as
-bytes arrive in order; a close hashes at most ``hash_inline_max`` bytes that did not (holes,
-writes out of order), past it the image is published without hashes (hashed later).
+bytes arrive in order (the bytes a change starts from only once a write appends to them); a
+close hashes at most ``hash_inline_max`` bytes that did not (holes, writes out of order), past
+it the image is published without hashes (hashed later).
 
 Writes are queued (imagefs.upload_queue): the store write and the hashing of one write overlap
 each other and the next write. Everything that must see the written bytes (a read, a truncate,
@@ -42,6 +43,8 @@ class DirectWriter(Writer):
         #: order; ``_hasher.offset`` reaches it once the queue is drained.
         self._hash_ok = True
         self._hash_end = 0
+        #: Seeded bytes not hashed yet (see ``_seed``): the hasher starts at this offset.
+        self._seed_unhashed = 0
 
     async def _upload_now(self) -> Upload:
         if self._upload is None:
@@ -64,16 +67,26 @@ class DirectWriter(Writer):
                 raise
 
     async def _seed(self, end: int) -> None:
+        """Copy the published bytes into the upload, not hashing them yet.
+
+        Only a write that continues them in order (an append) needs them hashed first, and
+        ``_hash_seed`` does it then; after any other write the close re-reads the image or
+        leaves it to the background hasher anyway. Hashing while seeding cost qemu-img
+        convert (which creates the image, then reopens it and writes out of order) a hash of
+        the whole image for nothing: 4.4 ms of CPU per MiB on this machine.
+        """
         up = await self._upload_now()
         self._hasher = ImageHasher(self.settings.hash_algo)
         self._hash_ok = True
+        await self._copy_published(up.write, end, sink_is_store=True)
+        self._extent = self._hash_end = self._seed_unhashed = end
 
-        def sink(off: int, data: bytes) -> None:
-            up.write(off, data)
-            self._hasher.update(data)
-
-        await self._copy_published(sink, end, sink_is_store=True)
-        self._extent = self._hash_end = end
+    async def _hash_seed(self) -> None:
+        """An append to a seeded image: hash the published bytes it continues, in order."""
+        h = self._hasher
+        await self._copy_published(lambda _off, data: h.update(data), self._seed_unhashed,
+                                   sink_is_store=False)
+        self._seed_unhashed = 0
 
     async def _write(self, offset: int, data: bytes) -> None:
         await self._upload_now()
@@ -84,6 +97,8 @@ class DirectWriter(Writer):
         in_order = self._hash_ok and offset >= self._hash_end and offset >= self._extent
         if in_order and offset - self._hash_end > self.settings.hash_inline_max:
             in_order = False  # a hole too big to hash here: the image is hashed later
+        if in_order and self._seed_unhashed:
+            await self._hash_seed()  # no hashed write is queued before this one
         await self._queue.submit(offset, data, offset - self._hash_end if in_order else None)
         if in_order:
             self._hash_end = offset + len(data)
@@ -114,7 +129,7 @@ class DirectWriter(Writer):
         up = await self._upload_now()
         await self._drained()
         size, h = self.size, self._hasher
-        in_order = self._hash_ok and h.offset <= size
+        in_order = self._hash_ok and not self._seed_unhashed and h.offset <= size
         unhashed = size - h.offset if in_order else size
         inline = unhashed <= self.settings.hash_inline_max
         if not inline:
@@ -148,7 +163,7 @@ class DirectWriter(Writer):
     def _after_publish(self) -> None:
         self._hash_ok = True
         self._seeded = False  # the upload is spent; a later change starts from `base`
-        self._extent = self._hash_end = 0
+        self._extent = self._hash_end = self._seed_unhashed = 0
 
     async def _discard(self) -> None:
         if self._queue is not None:

@@ -342,3 +342,50 @@ def test_discard_waits_for_a_chunk_in_flight(tmp_path: Path) -> None:
 
     drive(store, tmp_path, None, body)
     assert not store.objects and not os.listdir(tmp_path)
+
+
+def _glance_hashes(data: bytes) -> dict[str, str]:
+    import hashlib
+
+    return {"os_hash_algo": "sha512", "os_hash_value": hashlib.sha512(data).hexdigest(),
+            "checksum": hashlib.md5(data).hexdigest()}
+
+
+@pytest.mark.parametrize("inline_max", [0, 64 << 20], ids=["background", "inline"])
+def test_a_seeded_image_is_hashed_only_when_a_write_appends_to_it(tmp_path: Path,
+                                                                  inline_max: int) -> None:
+    """An append hashes the published bytes it continues, in order, and the close publishes
+    the right hashes without reading the image back; an overwrite (qemu-img convert's
+    reopen) never hashes the seed: the close hashes the upload, or leaves it to the
+    background hasher past inline_max."""
+    store = MemStore(random_write=True)
+    base = store.put("img", b"x" * 300_000, {})
+
+    async def append(w: Writer) -> None:
+        await w.write(300_000, b"y" * 1000)
+        store.failures["read"] = AssertionError("the image was read back at close")
+        await w.publish()
+
+    drive(store, tmp_path, base, append, hash_inline_max=inline_max)
+    want = b"x" * 300_000 + b"y" * 1000
+    assert store.objects["img"].data == want
+    assert {k: store.objects["img"].meta.get(k) for k in _glance_hashes(want)} == \
+        _glance_hashes(want)
+    store.failures.clear()
+
+    base = store.stat("img")
+
+    async def overwrite(w: Writer) -> None:
+        await w.write(1000, b"z" * 1000)
+        await w.write(0, b"w" * 10)
+        assert w._hasher.offset == 0, "the seed was hashed"  # type: ignore[attr-defined]
+        await w.publish()
+
+    drive(store, tmp_path, base, overwrite, hash_inline_max=inline_max)
+    want = b"w" * 10 + b"x" * 990 + b"z" * 1000 + b"x" * 298_000 + b"y" * 1000
+    assert store.objects["img"].data == want
+    meta = store.objects["img"].meta
+    if inline_max:
+        assert {k: meta.get(k) for k in _glance_hashes(want)} == _glance_hashes(want)
+    else:
+        assert META_VALUE not in meta  # published first, hashed by the background hasher
