@@ -253,6 +253,29 @@ def test_dd_and_sha256(m: Mount, tmp_path: Path) -> None:
     assert part.read_bytes() == src.read_bytes()[17 * 65536:20 * 65536]
 
 
+def test_a_size_set_by_truncate_past_the_writes_publishes_zeros_and_their_hashes(
+        m: Mount) -> None:
+    """Written in order, then extended by ftruncate before the close: the tail goes up as
+    zeros (S3 reads it from past the end of its spool, into a part already half full of
+    data), and the close's hashes are those of the bytes published."""
+    data = hashlib.sha512(b"tail").digest() * ((10 * MiB + 64) // 64)
+    data = data[:10 * MiB + 3]
+    size = 21 * MiB + 5
+    path = m.path("s", "extended.raw")
+    with open(path, "wb") as f:
+        for off in range(0, len(data), MiB):
+            f.write(data[off:off + MiB])
+        f.truncate(size)
+    want = data + bytes(size - len(data))
+    with open(path, "rb") as f:
+        got = f.read()
+    assert len(got) == size and hashlib.sha256(got).digest() == hashlib.sha256(want).digest()
+    hashes = {k: os.getxattr(path, f"user.imagefs.{k}").decode()
+              for k in ("os_hash_value", "checksum")}
+    assert hashes == {"os_hash_value": hashlib.sha512(want).hexdigest(),
+                      "checksum": hashlib.md5(want).hexdigest()}
+
+
 def test_qemu_img(m: Mount, tmp_path: Path) -> None:
     tool("qemu-img")
     raw = tmp_path / "disk.raw"
