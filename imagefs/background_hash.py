@@ -72,8 +72,7 @@ class BackgroundHasher:
     async def run(self) -> None:
         async with trio.open_nursery() as later:
             async for store, info in self._recv:
-                key = (store.id, info.name)
-                if self.pending.get(key) != info.version:
+                if not self._current(store, info):
                     continue
                 finished = True
                 try:
@@ -82,23 +81,23 @@ class BackgroundHasher:
                     if not finished:
                         self.deferred += 1
                         later.start_soon(self._again, store, info)
-                    elif self.pending.get(key) == info.version:
-                        del self.pending[key]
+                    elif self._current(store, info):
+                        del self.pending[(store.id, info.name)]
 
     async def _again(self, store: Store, info: ImageInfo) -> None:
         """Queue a put-off job again after a while, unless a newer version replaced it."""
         await trio.sleep(self._defer)
-        key = (store.id, info.name)
-        if self.pending.get(key) != info.version:
+        if not self._current(store, info):
             return
         try:
             self._send.send_nowait((store, info))
         except trio.WouldBlock:
-            del self.pending[key]
+            del self.pending[(store.id, info.name)]
             log.warning("%s/%s: background hash queue full: not hashed; `imagefs hash` "
                         "computes its hashes", store.id, info.name)
 
     def _current(self, store: Store, info: ImageInfo) -> bool:
+        """``info`` is still the version queued for its image (no newer one replaced it)."""
         return self.pending.get((store.id, info.name)) == info.version
 
     async def _hash(self, store: Store, info: ImageInfo) -> bool:

@@ -174,6 +174,13 @@ def user_meta(meta: Mapping[str, str]) -> dict[str, str]:
     return {k: str(v) for k, v in meta.items() if _SAFE_META_KEY.match(k)}
 
 
+def read_padded(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes of the local file ``fd`` from ``offset``, zeros past its end (a size
+    set by truncate beyond what was written)."""
+    data = os.pread(fd, length, offset)
+    return data + bytes(length - len(data)) if len(data) < length else data
+
+
 class Upload(ABC):
     """An image being written; invisible under its name until ``commit``.
 
@@ -194,9 +201,7 @@ class Upload(ABC):
         a store that holds its own part buffers reads straight into those instead (one copy
         and the page faults of a fresh buffer less per byte: the S3 write path was CPU-bound).
         """
-        data = os.pread(fd, length, offset)
-        if len(data) < length:
-            data += bytes(length - len(data))
+        data = read_padded(fd, length, offset)
         self.write(offset, data)
         feed(memoryview(data))
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING
 
-from imagefs.stores.base import BackendError, ImageInfo, NoSpace, Upload
+from imagefs.stores.base import BackendError, ImageInfo, NoSpace, Upload, read_padded
 from imagefs.stores.budget import BufferPool
 from imagefs.stores.owners import new_owner_id
 from imagefs.stores.s3.copy import copy
@@ -58,10 +58,8 @@ class Part:
         self.number = number
         self.size = size
         self.length = 0
-        self._pool = pool
         self._mem = pool.get(size) if pool is not None else None
-        if self._mem is None:
-            self._pool = None
+        self._pool = pool if self._mem is not None else None
         self._file: IO[bytes] | None = tempfile.TemporaryFile() if self._mem is None else None
 
     def add(self, data: memoryview) -> int:
@@ -81,8 +79,7 @@ class Part:
         read straight into the buffer, and ``feed`` them; returns how many were taken."""
         take = min(length, self.size - self.length)
         if self._mem is None:
-            data = os.pread(fd, take, offset)
-            data += bytes(take - len(data))
+            data = read_padded(fd, take, offset)
             assert self._file is not None
             self._file.write(data)
             feed(memoryview(data))
@@ -116,7 +113,8 @@ class Part:
         return self._file
 
     def release(self) -> None:
-        if self._pool is not None and self._mem is not None:
+        if self._pool is not None:
+            assert self._mem is not None
             self._pool.put(self._mem, self.size)
         self._pool = None
         self._mem = None
@@ -182,39 +180,33 @@ class S3Upload(Upload):
         return Part(number, size, self.store.part_pool(size))
 
     def write(self, offset: int, data: bytes) -> None:
-        with self._mutex:
-            self._alive()
-            if offset != self.pos:
-                raise BackendError(f"{self._what()}: S3 uploads take writes in order "
-                                   f"(got offset {offset}, expected {self.pos})")
-            view = memoryview(data)
-            while view:
-                self._alive()
-                if self.part is None:
-                    self.part = self._new_part()
-                view = view[self.part.add(view):]
-                if self.part.full:
-                    part, self.part = self.part, None
-                    self._send(part)
-            self.pos += len(data)
+        view = memoryview(data)
+        self._append(offset, len(data), lambda part, done: part.add(view[done:]))
 
     def write_from(self, fd: int, offset: int, length: int,
                    feed: Callable[[memoryview], None]) -> None:
         """As ``write``, with the bytes read from ``fd`` straight into the part buffers."""
+        self._append(offset, length,
+                     lambda part, done: part.read_from(fd, offset + done, length - done, feed))
+
+    def _append(self, offset: int, length: int, fill: Callable[[Part, int], int]) -> None:
+        """Add ``length`` bytes at ``offset`` (the end so far): ``fill(part, done)`` puts
+        what fits of them, from the ``done``-th on, into ``part`` and says how many."""
         with self._mutex:
             self._alive()
             if offset != self.pos:
                 raise BackendError(f"{self._what()}: S3 uploads take writes in order "
                                    f"(got offset {offset}, expected {self.pos})")
-            end = offset + length
-            while self.pos < end:
+            done = 0
+            while done < length:
                 self._alive()
                 if self.part is None:
                     self.part = self._new_part()
-                self.pos += self.part.read_from(fd, self.pos, end - self.pos, feed)
+                done += fill(self.part, done)
                 if self.part.full:
                     part, self.part = self.part, None
                     self._send(part)
+            self.pos += length
 
     def _send(self, part: Part) -> None:
         """Hand a full part to the pool; blocks while ``upload_concurrency`` parts are in flight.
